@@ -1,0 +1,55 @@
+"""Test configuration.
+
+Without a CUDA device the Triton kernels run in the Triton interpreter on CPU tensors: TRITON_INTERPRET must
+be set before triton is first imported, hence at the top of this file.  With a CUDA device the same tests
+run the compiled kernels on the GPU (the ``device_of`` fixture moves inputs there).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ospfn  # noqa: E402
+
+COMPILED_BACKENDS = ("cpp", "triton")
+ALL_BACKENDS = ("ref",) + COMPILED_BACKENDS
+
+
+def backend_device(name: str) -> torch.device:
+    """The device a backend's kernels run on in this test session."""
+    if name == "triton" and torch.cuda.is_available() and not ospfn.backends.interpreting():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def require(name: str) -> None:
+    """A backend the test suite is meant to cover must be present: fail loudly, never skip silently."""
+    st = ospfn.backends.info(name)
+    if not st.available:
+        pytest.fail(f"backend {name!r} is not available here: {st.reason}")
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    require(request.param)
+    return request.param
+
+
+@pytest.fixture(params=COMPILED_BACKENDS)
+def fast_backend(request):
+    require(request.param)
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
