@@ -5,7 +5,7 @@ Sparse Sequence Parallelism, FlashI2V image-to-video and HiFloat8 quantisation.
 
     >>> import ospfn
     >>> ospfn.backends.available()        # doctest: +SKIP
-    ['ref', 'cpp']
+    ['ref', 'cpp', 'torch']
 """
 
 from ospfn import backends, ops

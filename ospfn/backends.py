@@ -11,9 +11,13 @@ Every public op takes ``backend: str | None = None``:
     (the Triton interpreter, slow, for tests).
 ``"npu"``
     Ascend kernels through torch_npu; NPU tensors.
+``"torch"``
+    PyTorch's own fused kernels where an op has one (e.g. ``scaled_dot_product_attention``, which reaches
+    FlashAttention / cuDNN / memory-efficient kernels on CUDA and the flash CPU kernel on CPU); any device.
 ``None`` (auto)
-    CUDA -> triton, NPU -> npu, CPU -> cpp, each falling back to ref.  A preferred backend that is
-    unavailable is skipped with one log line per process (logger ``"ospfn"``).
+    CUDA -> triton, NPU -> npu, CPU -> cpp, each falling back to ref; an op may declare its own order (e.g.
+    attention prefers ``torch`` where PyTorch's fused kernel is the fastest correct path).  A preferred
+    backend that is unavailable is skipped with one log line per process (logger ``"ospfn"``).
 
 ``OSPFN_BACKEND=<name>`` makes ``<name>`` the default for the whole process: ops that implement it for the
 tensor's device use it, others fall back to auto.  Naming a backend this machine cannot run, in the argument
@@ -43,12 +47,13 @@ __all__ = [
     "implementations",
     "interpreting",
     "register",
+    "set_auto_order",
     "select",
     "resolve",
     "refresh",
 ]
 
-BACKENDS = ("ref", "cpp", "triton", "npu")
+BACKENDS = ("ref", "cpp", "triton", "npu", "torch")
 ENV_VAR = "OSPFN_BACKEND"
 
 logger = logging.getLogger("ospfn")
@@ -83,6 +88,8 @@ def interpreting() -> bool:
 def _probe(name: str) -> BackendInfo:
     if name == "ref":
         return BackendInfo("ref", True, ("*",), "pure PyTorch, any device")
+    if name == "torch":
+        return BackendInfo("torch", True, ("*",), "PyTorch fused kernels, any device")
     if name == "cpp":
         try:
             from ospfn import _C  # noqa: F401  (loading the library registers torch.ops.ospfn.*)
@@ -135,8 +142,17 @@ def refresh() -> None:
 
 Impl = Union[Callable, str]  # a callable, or "module:attribute" imported on first use
 _REGISTRY: dict[str, dict[str, Impl]] = {}
+_OP_AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
 _lazy_cache: dict[tuple[str, str], Callable] = {}
 _warned: set[tuple] = set()
+
+
+def set_auto_order(op: str, order: dict[str, tuple[str, ...]]) -> None:
+    """Override auto dispatch for ``op``: device type -> backends in preference order."""
+    for dev, names in order.items():
+        for name in names:
+            _check_name(name, f"auto order of {op!r} on {dev}")
+    _OP_AUTO_ORDER[op] = dict(order)
 
 
 def register(op: str, backend: str, impl: Impl | None = None):
@@ -218,7 +234,7 @@ def resolve(op: str, backend: str | None, device: torch.device | str) -> str:
             return name
         logger.debug("%s: %s=%s does not apply to %s tensors; using auto", op, ENV_VAR, name, device.type)
 
-    order = _AUTO_ORDER.get(device.type, ("ref",))
+    order = _OP_AUTO_ORDER.get(op, _AUTO_ORDER).get(device.type) or _AUTO_ORDER.get(device.type, ("ref",))
     for name in order:
         if name not in impls:
             continue

@@ -52,7 +52,7 @@ def test_explicit_wrong_device_raises():
 
 @pytest.mark.parametrize("bad", ["cuda", "Ref", "", 3])
 def test_unknown_backend_name(bad):
-    with pytest.raises(ValueError, match=r"backend must be one of \('ref', 'cpp', 'triton', 'npu'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('ref', 'cpp', 'triton', 'npu', 'torch'\)"):
         ospfn.ops.hif8_encode(torch.ones(2), backend=bad)
 
 
@@ -98,7 +98,7 @@ def test_missing_extension_falls_back_to_ref_with_one_log_line():
         """
     )
     assert r.returncode == 0, r.stderr
-    assert "AVAILABLE ['ref']" in r.stdout
+    assert "AVAILABLE ['ref', 'torch']" in r.stdout
     assert "SAME True" in r.stdout
     assert "ERR hif8_encode: backend 'cpp' is unavailable: the C++ extension ospfn._C is not built" in r.stdout
     log_lines = [ln for ln in r.stderr.splitlines() if "falling back" in ln]
