@@ -1,5 +1,33 @@
-"""Public ops of ospfn.  Every op takes ``backend=None|"ref"|"cpp"|"triton"|"npu"`` (see ospfn.backends)."""
+"""Public ops of ospfn.  Every op takes ``backend=None|"ref"|"cpp"|"triton"|"npu"|"torch"`` (see ospfn.backends)."""
 
+from ospfn.ops.attn import attention
 from ospfn.ops.hif8 import hif8_decode, hif8_encode, hif8_quantize, hif8_round
+from ospfn.ops.rope import apply_rope, rope_3d, rope_cos_sin, rope_split
+from ospfn.ops.skiparse import (
+    SkiparseLayout,
+    skiparse_fold,
+    skiparse_key_mask,
+    skiparse_layout,
+    skiparse_positions,
+    skiparse_switch,
+    skiparse_unfold,
+)
 
-__all__ = ["hif8_encode", "hif8_decode", "hif8_round", "hif8_quantize"]
+__all__ = [
+    "attention",
+    "hif8_encode",
+    "hif8_decode",
+    "hif8_round",
+    "hif8_quantize",
+    "rope_3d",
+    "rope_cos_sin",
+    "rope_split",
+    "apply_rope",
+    "SkiparseLayout",
+    "skiparse_layout",
+    "skiparse_fold",
+    "skiparse_unfold",
+    "skiparse_switch",
+    "skiparse_key_mask",
+    "skiparse_positions",
+]
