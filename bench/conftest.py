@@ -65,3 +65,15 @@ def median_time(fn, device: torch.device, repeat: int = 5) -> float:
 def baseline_times():
     """(group, device) -> median seconds of the baseline measured earlier in this run."""
     return {}
+
+
+# Nominal DRAM bandwidth (GB/s) of devices seen here, for "fraction of memory bandwidth" figures.
+_PEAK_GBPS = {"H100 80GB HBM3": 3350.0, "H100": 3350.0, "H200": 4800.0}
+
+
+def peak_bandwidth_gbps(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    for key, v in _PEAK_GBPS.items():
+        if key in name:
+            return v
+    return None

@@ -1,0 +1,115 @@
+"""Parameter names, shapes and initialisation of the DiT (Wan2.1 original key names, spec-dit.md section 3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ospfn.model.config import DiTConfig
+
+__all__ = ["param_shapes", "init_params", "keeps_fp32", "block_linear_names"]
+
+# Linears inside the blocks: the ones HiF8 training quantises (spec-hif8.md section 3).
+_BLOCK_LINEARS = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "ffn.0", "ffn.2",
+)  # fmt: skip
+
+
+def block_linear_names(cfg: DiTConfig) -> list[str]:
+    """Fully qualified names (without .weight/.bias) of the Linears inside DiT blocks."""
+    return [f"blocks.{i}.{n}" for i in range(cfg.num_layers) for n in _BLOCK_LINEARS]
+
+
+def param_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of ``cfg``'s model with its shape, in Wan2.1 original naming."""
+    C, F, pt, ph, pw = cfg.dim, cfg.ffn_dim, *cfg.patch_size
+    s: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (C, cfg.in_dim, pt, ph, pw),
+        "patch_embedding.bias": (C,),
+        "text_embedding.0.weight": (C, cfg.text_dim),
+        "text_embedding.0.bias": (C,),
+        "text_embedding.2.weight": (C, C),
+        "text_embedding.2.bias": (C,),
+        "time_embedding.0.weight": (C, cfg.freq_dim),
+        "time_embedding.0.bias": (C,),
+        "time_embedding.2.weight": (C, C),
+        "time_embedding.2.bias": (C,),
+        "time_projection.1.weight": (6 * C, C),
+        "time_projection.1.bias": (6 * C,),
+    }
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}."
+        s[b + "modulation"] = (1, 6, C)
+        for att in ("self_attn", "cross_attn"):
+            for p in ("q", "k", "v", "o"):
+                s[f"{b}{att}.{p}.weight"] = (C, C)
+                s[f"{b}{att}.{p}.bias"] = (C,)
+            s[f"{b}{att}.norm_q.weight"] = (C,)
+            s[f"{b}{att}.norm_k.weight"] = (C,)
+        s[b + "norm3.weight"] = (C,)
+        s[b + "norm3.bias"] = (C,)
+        s[b + "ffn.0.weight"] = (F, C)
+        s[b + "ffn.0.bias"] = (F,)
+        s[b + "ffn.2.weight"] = (C, F)
+        s[b + "ffn.2.bias"] = (C,)
+    s["head.head.weight"] = (cfg.out_dim * cfg.patch_numel, C)
+    s["head.head.bias"] = (cfg.out_dim * cfg.patch_numel,)
+    s["head.modulation"] = (1, 2, C)
+    if cfg.i2v == "flashi2v":
+        k = (3, 3, 3) if cfg.conv3x3x3_proj else (1, 3, 3)
+        s["fourier_embedding.0.weight"] = (C, cfg.in_dim, pt, ph, pw)
+        s["fourier_embedding.0.bias"] = (C,)
+        s["fourier_embedding.1.weight"] = (C, C, 1, 1, 1)
+        s["fourier_embedding.1.bias"] = (C,)
+        s["learnable_proj.proj.0.weight"] = (4 * cfg.in_dim, cfg.in_dim, *k)
+        s["learnable_proj.proj.0.bias"] = (4 * cfg.in_dim,)
+        s["learnable_proj.proj.2.weight"] = (cfg.in_dim, 4 * cfg.in_dim, *k)
+        s["learnable_proj.proj.2.bias"] = (cfg.in_dim,)
+    return s
+
+
+def keeps_fp32(name: str) -> bool:
+    """Parameters kept in fp32 when the rest of the model is bf16/fp16: modulation tables and norms."""
+    return name.endswith("modulation") or ".norm" in name
+
+
+def _xavier(shape, g, fan_shape=None):
+    fan_out, fan_in = fan_shape or (shape[0], math.prod(shape[1:]))
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).float()
+
+
+def init_params(cfg: DiTConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+    """Fresh parameters with Wan2.1's initialisation (and the FlashI2V branches zero-initialised).
+
+    Linears: Xavier-uniform weights, zero biases; text and time embeddings: N(0, 0.02); patch (and Fourier)
+    embeddings: Xavier-uniform on the weight flattened to (dim, in*kt*kh*kw); modulation tables:
+    N(0, 1)/sqrt(dim); RMS/LayerNorm weights 1; the output head zero; FlashI2V: the last conv of phi and
+    the 1x1x1 conv of the Fourier embedding zero, so the model equals the T2V model at initialisation.
+    Random numbers come from a CPU generator seeded with ``seed`` (same values on every device).  With a
+    half ``dtype``, modulation tables and norm weights stay fp32 (see ``keeps_fp32``).
+    """
+    if not isinstance(cfg, DiTConfig):
+        raise TypeError(f"init_params: cfg must be a DiTConfig, got {type(cfg).__name__}")
+    g = torch.Generator().manual_seed(int(seed))
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(".bias") or name.startswith("head.head.") or name in (
+            "fourier_embedding.1.weight",
+            "learnable_proj.proj.2.weight",
+        ):
+            t = torch.zeros(shape)
+        elif ".norm" in name:
+            t = torch.ones(shape)
+        elif name.endswith("modulation"):
+            t = torch.randn(shape, generator=g) / math.sqrt(cfg.dim)
+        elif name.startswith(("text_embedding.", "time_embedding.")):
+            t = torch.randn(shape, generator=g) * 0.02
+        else:  # Linears, patch / Fourier embedding, phi's first conv
+            t = _xavier(shape, g)
+        target = torch.float32 if (dtype in (torch.bfloat16, torch.float16) and keeps_fp32(name)) else dtype
+        out[name] = t.to(device=device, dtype=target)
+    return out

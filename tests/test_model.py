@@ -1,0 +1,284 @@
+"""The functional DiT: schedule, Skiparse model vs an independent masked-dense reference, FlashI2V, diffusers
+parity, config validation and the module shells."""
+
+import pytest
+import torch
+from dit_reference import reference_forward
+
+import ospfn.model as M
+from ospfn.model.checkpoint import convert_state_dict
+from ospfn.nn import DiT
+
+
+def perturbed(params, seed=0, scale=0.05, skip=()):
+    """Random non-trivial parameters (the initial head is zero, which would hide everything)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v if k.startswith(skip) else v + scale * torch.randn(v.shape, generator=g).to(v.dtype)) for k, v in params.items()}
+
+
+def inputs(cfg, B=2, T=2, H=10, W=14, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_dim, T, H, W, generator=g)
+    t = torch.tensor([937.0, 241.5][:B])
+    ctx = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g)
+    return x, t, ctx
+
+
+def ref(params, cfg, x, t, ctx, **kw):
+    return reference_forward(
+        params, dim=cfg.dim, heads=cfg.num_heads, num_layers=cfg.num_layers, patch=cfg.patch_size, eps=cfg.eps,
+        model_type=cfg.skiparse_model_type, ratio=cfg.sparse_ratio, num_full=cfg.num_full_blocks, x=x, t=t, ctx=ctx, **kw,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+def test_block_schedule_of_released_models():
+    s14 = M.block_schedule(M.DiTConfig.preset("osp-next-14b"))
+    assert [i for i, k in enumerate(s14) if k == "full"] == [0, 1, 2, 3, 36, 37, 38, 39]
+    assert s14[4:36] == ["token", "group"] * 16
+    s13 = M.block_schedule(M.DiTConfig.preset("osp-next-1.3b"))
+    assert [i for i, k in enumerate(s13) if k == "full"] == [0, 1, 2, 3, 26, 27, 28, 29]
+    assert s13[4] == "token" and s13[25] == "group"
+    assert M.block_schedule(M.DiTConfig.preset("wan2.1-t2v-14b")) == ["full"] * 40
+    all_sparse = M.block_schedule(M.DiTConfig.preset("tiny", num_full_blocks=0))
+    assert all_sparse == ["token", "group"] * 4
+
+
+# ------------------------------------------------------------------------------------------------ skiparse model
+
+
+@pytest.mark.parametrize("grid_hw", [(10, 14), (8, 8)])  # (10, 14) -> token grid 5 x 7: padded to 8 x 8
+def test_dual_end_equals_masked_dense_reference(grid_hw):
+    cfg = M.DiTConfig.preset("tiny")
+    params = perturbed(M.init_params(cfg))
+    x, t, ctx = inputs(cfg, H=grid_hw[0], W=grid_hw[1])
+    p1 = {k: v.clone().requires_grad_() for k, v in params.items()}
+    p2 = {k: v.clone().requires_grad_() for k, v in params.items()}
+    out = M.forward(p1, cfg, x, t, ctx)
+    want = ref(p2, cfg, x, t, ctx)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    go = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, list(p1.values()), go)
+    g2 = torch.autograd.grad(want, list(p2.values()), go)
+    for name, a, b in zip(p1, g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_sparse_differs_from_full():
+    """Guards the test above against a model that ignores the schedule."""
+    cfg = M.DiTConfig.preset("tiny")
+    params = perturbed(M.init_params(cfg))
+    x, t, ctx = inputs(cfg)
+    full = M.forward(params, cfg.replace(skiparse_model_type="full", num_full_blocks=0), x, t, ctx)
+    assert (M.forward(params, cfg, x, t, ctx) - full).abs().max() > 1e-3
+
+
+def test_ratio_one_and_full_type_are_the_full_model():
+    cfg = M.DiTConfig.preset("tiny")
+    params = perturbed(M.init_params(cfg))
+    x, t, ctx = inputs(cfg)
+    full = M.forward(params, cfg.replace(skiparse_model_type="full", num_full_blocks=0), x, t, ctx)
+    assert torch.equal(M.forward(params, cfg.replace(sparse_ratio=1), x, t, ctx), full)
+    torch.testing.assert_close(full, ref(params, cfg.replace(skiparse_model_type="full", num_full_blocks=0), x, t, ctx), rtol=1e-4, atol=1e-5)
+
+
+def test_grad_checkpoint_gives_same_gradients():
+    cfg = M.DiTConfig.preset("tiny")
+    params = perturbed(M.init_params(cfg))
+    x, t, ctx = inputs(cfg)
+    grads = []
+    for ckpt in (False, True):
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        M.forward(p, cfg, x, t, ctx, grad_checkpoint=ckpt).square().mean().backward()
+        grads.append([v.grad for v in p.values()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_bf16_params_run_with_fp32_modulation():
+    cfg = M.DiTConfig.preset("tiny")
+    p32 = perturbed(M.init_params(cfg))
+    pbf = {k: (v.float() if M.params.keeps_fp32(k) else v.bfloat16()) for k, v in p32.items()}
+    assert pbf["blocks.0.modulation"].dtype == torch.float32 and pbf["blocks.0.ffn.0.weight"].dtype == torch.bfloat16
+    x, t, ctx = inputs(cfg)
+    y = M.forward(pbf, cfg, x, t, ctx)
+    y32 = M.forward(p32, cfg, x, t, ctx)
+    assert y.dtype == torch.float32
+    assert ((y - y32).norm() / y32.norm()) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ FlashI2V
+
+
+def test_flashi2v_at_init_is_t2v_bit_for_bit():
+    cfg_t2v = M.DiTConfig.preset("tiny")
+    cfg = cfg_t2v.replace(i2v="flashi2v")
+    params = perturbed(M.init_params(cfg), skip=("fourier_embedding.", "learnable_proj."))
+    t2v_params = {k: params[k] for k in M.param_shapes(cfg_t2v)}
+    x, t, ctx = inputs(cfg)
+    s = torch.randn(2, 16, 1, 10, 14)
+    assert torch.equal(M.forward(params, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3), M.forward(t2v_params, cfg_t2v, x, t, ctx))
+    phi = M.flashi2v_shift(params, cfg, s)
+    assert phi.shape == (2, 16, 1, 10, 14) and phi.dtype == torch.float32 and torch.equal(phi, torch.zeros_like(phi))
+
+
+def test_flashi2v_branches_change_the_output_when_trained():
+    cfg = M.DiTConfig.preset("tiny", i2v="flashi2v")
+    base = perturbed(M.init_params(cfg), skip=("fourier_embedding.", "learnable_proj."))
+    x, t, ctx = inputs(cfg)
+    s = torch.randn(2, 16, 1, 10, 14)
+    y0 = M.forward(base, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3)
+    p = dict(base)
+    p["fourier_embedding.1.weight"] = torch.randn_like(p["fourier_embedding.1.weight"]) * 0.05
+    assert (M.forward(p, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3) - y0).abs().max() > 1e-4
+    p = dict(base)
+    p["learnable_proj.proj.2.weight"] = torch.randn_like(p["learnable_proj.proj.2.weight"]) * 0.05
+    phi = M.flashi2v_shift(p, cfg, s)
+    assert phi.abs().max() > 1e-3
+    # the model itself does not apply phi (the caller feeds z - phi): forward is unchanged
+    assert torch.equal(M.forward(p, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3), y0)
+
+
+def test_flashi2v_matches_reference_with_fourier_branch():
+    cfg = M.DiTConfig.preset("tiny", i2v="flashi2v", skiparse_model_type="full", num_full_blocks=0)
+    params = perturbed(M.init_params(cfg))
+    x, t, ctx = inputs(cfg)
+    s = torch.randn(2, 16, 1, 10, 14)
+    f = M.fourier_features(s, 0.3)
+    out = M.forward(params, cfg, x, t, ctx, fourier_feats=f)
+    torch.testing.assert_close(out, ref(params, cfg, x, t, ctx, fourier=f), rtol=1e-4, atol=1e-5)
+    assert torch.equal(out, M.forward(params, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3))
+
+
+@pytest.mark.parametrize("conv3", [False, True])
+def test_phi_shapes(conv3):
+    cfg = M.DiTConfig.preset("tiny", i2v="flashi2v", conv3x3x3_proj=conv3)
+    shapes = M.param_shapes(cfg)
+    k = (3, 3, 3) if conv3 else (1, 3, 3)
+    assert shapes["learnable_proj.proj.0.weight"] == (64, 16, *k)
+    assert shapes["learnable_proj.proj.2.weight"] == (16, 64, *k)
+    p = perturbed(M.init_params(cfg))
+    s = torch.randn(1, 16, 1, 6, 8)
+    phi = M.flashi2v_shift(p, cfg, s)
+    assert phi.shape == (1, 16, 1, 6, 8)
+    # one frame with zero temporal padding: a 3x3x3 kernel only uses its middle temporal slice
+    w0 = p["learnable_proj.proj.0.weight"][:, :, k[0] // 2 : k[0] // 2 + 1]
+    w2 = p["learnable_proj.proj.2.weight"][:, :, k[0] // 2 : k[0] // 2 + 1]
+    h = torch.nn.functional.conv3d(s, w0, p["learnable_proj.proj.0.bias"], padding=(0, 1, 1))
+    want = torch.nn.functional.conv3d(torch.nn.functional.silu(h), w2, p["learnable_proj.proj.2.bias"], padding=(0, 1, 1))
+    torch.testing.assert_close(phi, want)
+
+
+# ------------------------------------------------------------------------------------------------ diffusers
+
+
+def _diffusers_model(seed=0):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (pip install -e .[dev])")
+    torch.manual_seed(seed)
+    m = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=96, num_layers=3,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    cfg = M.DiTConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=3, in_dim=16, out_dim=16, text_dim=32, freq_dim=32, text_len=8)
+    return m, cfg
+
+
+def test_parity_with_diffusers():
+    m, cfg = _diffusers_model()
+    sd = convert_state_dict(m.state_dict(), "diffusers", "wan")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 3, 10, 14, generator=g)  # token grid 3 x 5 x 7: odd H', W'
+    t = torch.tensor([999.0, 321.0])
+    ctx = torch.randn(2, 8, 32, generator=g)
+    with torch.no_grad():
+        want = m(x, t, ctx).sample
+        got = M.forward(sd, cfg, x, t, ctx)
+    assert ((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_diffusers_names_round_trip_exactly():
+    m, cfg = _diffusers_model()
+    sd = m.state_dict()
+    wan = convert_state_dict(sd, "diffusers", "wan")
+    assert set(wan) == set(M.param_shapes(cfg))
+    assert all(tuple(wan[k].shape) == s for k, s in M.param_shapes(cfg).items())
+    back = convert_state_dict(wan, "wan", "diffusers")
+    assert set(back) == set(sd)
+    assert all(back[k] is sd[k] for k in sd)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_presets():
+    c = M.DiTConfig.preset("wan2.1-t2v-14b")
+    assert (c.dim, c.ffn_dim, c.num_heads, c.num_layers, c.head_dim) == (5120, 13824, 40, 40, 128)
+    c = M.DiTConfig.preset("osp-next-14b")
+    assert (c.skiparse_model_type, c.sparse_ratio, c.num_full_blocks) == ("dual_end", 2, 8)
+    assert M.DiTConfig.preset("flashi2v-14b").i2v == "flashi2v"
+    assert M.DiTConfig.preset("wan2.1-t2v-1.3b").dim == 1536
+    assert M.DiTConfig.preset("tiny", dim=32).dim == 32
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(dim=63), r"dim \(63\) must be divisible by num_heads \(4\)"),
+        (dict(num_full_blocks=2), r"num_full_blocks % 4 == 0"),
+        (dict(num_full_blocks=8), r"num_full_blocks % 4 == 0 and <= num_layers/2 \(4\)"),
+        (dict(num_layers=7), r"needs an even num_layers, got 7"),
+        (dict(skiparse_model_type="sparse"), r"skiparse_model_type must be one of \('full', 'dual_end'\), got 'sparse'"),
+        (dict(sparse_ratio=0), r"sparse_ratio must be an int >= 1, got 0"),
+        (dict(i2v="ti2v"), r"i2v must be one of \('none', 'flashi2v'\)"),
+        (dict(quant="fp8"), r"quant must be one of \(None, 'hif8'\)"),
+        (dict(patch_size=(1, 2)), r"patch_size must be a \(t, h, w\) triple"),
+        (dict(num_heads=32), r"dim \(64\) must be divisible|head dim"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        M.DiTConfig.preset("tiny", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match=r"unknown preset 'wan3'"):
+        M.DiTConfig.preset("wan3")
+
+
+def test_forward_input_errors():
+    cfg = M.DiTConfig.preset("tiny")
+    params = M.init_params(cfg)
+    x, t, ctx = inputs(cfg)
+    with pytest.raises(ValueError, match=r"x has 8 channels but cfg.in_dim = 16"):
+        M.forward(params, cfg, x[:, :8], t, ctx)
+    with pytest.raises(ValueError, match=r"must be divisible by patch_size"):
+        M.forward(params, cfg, x[..., :9, :], t, ctx)
+    with pytest.raises(ValueError, match=r"t must be a tensor of shape \[2\]"):
+        M.forward(params, cfg, x, t[:1], ctx)
+    with pytest.raises(ValueError, match=r"context must be \[2, L, text_dim=32\]"):
+        M.forward(params, cfg, x, t, ctx[..., :5])
+    cfg_i2v = cfg.replace(i2v="flashi2v")
+    with pytest.raises(ValueError, match=r"needs cond_image_latent and fourier_ratio"):
+        M.forward(M.init_params(cfg_i2v), cfg_i2v, x, t, ctx)
+
+
+# ------------------------------------------------------------------------------------------------ nn shells
+
+
+def test_module_shell_is_the_functional_model():
+    cfg = M.DiTConfig.preset("tiny", i2v="flashi2v")
+    params = perturbed(M.init_params(cfg))
+    net = DiT(cfg, params)
+    assert sorted(n for n, _ in net.named_parameters()) == sorted(M.param_shapes(cfg))
+    assert all(p is params[n] or p.data_ptr() == params[n].data_ptr() for n, p in net.named_parameters())
+    assert isinstance(net.blocks_list[0].self_attn.q, torch.nn.Linear)
+    x, t, ctx = inputs(cfg)
+    s = torch.randn(2, 16, 1, 10, 14)
+    assert torch.equal(net(x, t, ctx, cond_image_latent=s, fourier_ratio=0.2), M.forward(params, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.2))
+    net(x, t, ctx, cond_image_latent=s, fourier_ratio=0.2).sum().backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if not n.startswith("learnable_proj"))
