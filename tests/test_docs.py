@@ -10,7 +10,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["ospfn.ops.hif8"])
+@pytest.mark.parametrize(
+    "module",
+    ["ospfn.ops.hif8", "ospfn.ops.skiparse", "ospfn.ops.rope", "ospfn.ops.attn", "ospfn.ops.fourier", "ospfn.model.config",
+     "ospfn.model.dit", "ospfn.model.checkpoint", "ospfn.nn"],
+)
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     res = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)

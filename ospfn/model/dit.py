@@ -140,7 +140,7 @@ def flashi2v_shift(params: dict, cfg: DiTConfig, s: torch.Tensor) -> torch.Tenso
 def fourier_features(s: torch.Tensor, ratio) -> torch.Tensor:
     """f_high(s) of spec-flashi2v.md section 1 for a [B, C, 1, H, W] (or [B, C, H, W]) first-frame latent, in fp32
     [B, C, 1, H, W] (the model broadcasts it over the latent frames)."""
-    from ospfn.ops.fourier import fourier_high_freq
+    from ospfn.ops import fourier_high_freq
 
     s = _as_frame(s, "fourier_features")
     return fourier_high_freq(s.float(), ratio)[:, :, None]

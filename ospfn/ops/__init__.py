@@ -1,6 +1,7 @@
 """Public ops of ospfn.  Every op takes ``backend=None|"ref"|"cpp"|"triton"|"npu"|"torch"`` (see ospfn.backends)."""
 
 from ospfn.ops.attn import attention
+from ospfn.ops.fourier import fourier_cutoff, fourier_high_freq
 from ospfn.ops.hif8 import hif8_decode, hif8_encode, hif8_quantize, hif8_round
 from ospfn.ops.rope import apply_rope, rope_3d, rope_cos_sin, rope_split
 from ospfn.ops.skiparse import (
@@ -15,6 +16,8 @@ from ospfn.ops.skiparse import (
 
 __all__ = [
     "attention",
+    "fourier_high_freq",
+    "fourier_cutoff",
     "hif8_encode",
     "hif8_decode",
     "hif8_round",
