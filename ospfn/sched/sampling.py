@@ -1,0 +1,84 @@
+"""Sampling T2V and FlashI2V (I2V) videos with the functional DiT (spec-flashi2v.md sections 2-3).
+
+FlashI2V keeps the UNSHIFTED fp32 state z (z = eps at sigma = 1) and feeds z - phi(s) to the model; phi(s)
+and the Fourier features f_high(s) are computed once per sample and shared by every step and both CFG
+branches (only the text is swapped).  T2V is the same loop without the image condition.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ospfn.sched.flow import cfg_combine, euler_sample, inference_sigmas
+
+__all__ = ["sample", "pad_context", "image_condition"]
+
+
+def pad_context(*ctxs: torch.Tensor) -> list[torch.Tensor]:
+    """Zero-pad text features [B, L_i, D] to a common length (Wan uses zero padding, no text mask)."""
+    L = max(c.shape[1] for c in ctxs)
+    return [F.pad(c, (0, 0, 0, L - c.shape[1])) for c in ctxs]
+
+
+@torch.no_grad()
+def image_condition(params, cfg, cond_image_latent: torch.Tensor, fourier_ratio=0.1):
+    """(phi(s), f_high(s)) for a FlashI2V model: the latent shift [B, C, 1, h, w] (fp32) and the Fourier
+    features [B, C, 1, h, w]; computed once per sample."""
+    from ospfn.model import flashi2v_shift, fourier_features
+
+    return flashi2v_shift(params, cfg, cond_image_latent), fourier_features(cond_image_latent, fourier_ratio)
+
+
+@torch.no_grad()
+def sample(
+    params: dict,
+    cfg,
+    *,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    neg_context: Optional[torch.Tensor] = None,
+    guidance: float = 5.0,
+    steps: int = 50,
+    shift: float = 7.0,
+    cond_image_latent: Optional[torch.Tensor] = None,
+    fourier_ratio=0.1,
+    attn_backend: Optional[str] = None,
+    forward_fn: Optional[Callable] = None,
+    callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+    sigmas: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Clean latents (fp32, shape of ``noise``) by Euler ODE from sigma = 1 to 0 with classifier-free guidance.
+
+    ``neg_context`` is the unconditional text (the empty or negative prompt's encoding); without it, or with
+    ``guidance == 1``, only the conditional branch runs.  For ``cfg.i2v == "flashi2v"`` pass the first-frame
+    latent ``cond_image_latent`` [B, C, 1, h, w].  ``forward_fn`` defaults to ``ospfn.model.forward``.
+    """
+    from ospfn.model import forward
+
+    fwd = forward_fn or forward
+    B = noise.shape[0]
+    shift_p = feats = None
+    if cfg.i2v == "flashi2v":
+        if cond_image_latent is None:
+            raise ValueError("sample: a FlashI2V model (cfg.i2v='flashi2v') needs cond_image_latent [B, C, 1, h, w]")
+        shift_p, feats = image_condition(params, cfg, cond_image_latent, fourier_ratio)
+    use_cfg = neg_context is not None and guidance != 1.0
+    if use_cfg:
+        ctx_u, ctx_c = pad_context(neg_context, context)
+        ctx_all = torch.cat([ctx_u, ctx_c])
+        feats_all = None if feats is None else torch.cat([feats, feats])
+    if sigmas is None:
+        sigmas = inference_sigmas(steps, shift)
+
+    def velocity(z: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
+        x = z if shift_p is None else z - shift_p
+        t = torch.full((B,), 1000.0 * sigma, device=z.device, dtype=torch.float32)
+        if not use_cfg:
+            return fwd(params, cfg, x, t, context, fourier_feats=feats, attn_backend=attn_backend)
+        v = fwd(params, cfg, torch.cat([x, x]), torch.cat([t, t]), ctx_all, fourier_feats=feats_all, attn_backend=attn_backend)
+        return cfg_combine(v[:B], v[B:], guidance)
+
+    return euler_sample(velocity, noise, sigmas, callback=callback)
