@@ -161,16 +161,22 @@ def _quantize_tensor_kernel(x_ptr, out_ptr, amax_ptr, n, scale_max, BLOCK: tl.co
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, cols, scale_max, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """One program per row: amax pass, then quantise pass (the row stays in L2 between the two)."""
+def _quantize_rows_kernel(
+    x_ptr, out_ptr, amax_ptr, cols, scale_max, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr, HAS_AMAX: tl.constexpr
+):
+    """One program per row: amax pass (or the given amax_ptr[row] with HAS_AMAX), then quantise pass (the row
+    stays in L2 between the two)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * cols
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, cols, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + base + offs, mask=offs < cols, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-    amax = tl.max(acc, axis=0).to(tl.float32, bitcast=True)
+    if HAS_AMAX:
+        amax = tl.load(amax_ptr + row)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + base + offs, mask=offs < cols, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        amax = tl.max(acc, axis=0).to(tl.float32, bitcast=True)
     s = scale_from_amax(amax, scale_max)
     for start in range(0, cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -229,7 +235,8 @@ def round_(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quantize(x: torch.Tensor, scale_max: float, rowwise: bool) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale_max: float, rowwise: bool, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """``amax`` (optional, float32): a given amax, shape () or [rows, 1]-like with one element per row."""
     xc = x.contiguous()
     out = torch.empty_like(xc)
     n = xc.numel()
@@ -239,11 +246,18 @@ def quantize(x: torch.Tensor, scale_max: float, rowwise: bool) -> torch.Tensor:
         cols = xc.shape[-1]
         rows = n // cols
         BLOCK = _block(cols) if interpreting() else min(max(16, triton.next_power_of_2(cols)), 4096)
-        _quantize_rows_kernel[(rows,)](xc, out, cols, scale_max, BLOCK=BLOCK, EXACT_BF16=interpreting())
+        has_amax = amax is not None
+        amax_arg = amax.contiguous() if has_amax else out  # out: an unused placeholder pointer
+        _quantize_rows_kernel[(rows,)](
+            xc, out, amax_arg, cols, scale_max, BLOCK=BLOCK, EXACT_BF16=interpreting(), HAS_AMAX=has_amax
+        )
     else:
-        amax = torch.zeros(1, dtype=torch.int32, device=xc.device)
         BLOCK = _block(n)
         grid = (triton.cdiv(n, BLOCK),)
-        _amax_bits_kernel[grid](xc, amax, n, BLOCK=BLOCK)
-        _quantize_tensor_kernel[grid](xc, out, amax, n, scale_max, BLOCK=BLOCK, EXACT_BF16=interpreting())
+        if amax is None:
+            amax_bits = torch.zeros(1, dtype=torch.int32, device=xc.device)
+            _amax_bits_kernel[grid](xc, amax_bits, n, BLOCK=BLOCK)
+        else:
+            amax_bits = amax.reshape(1).view(torch.int32)  # the same 4 bytes, read as the kernel expects
+        _quantize_tensor_kernel[grid](xc, out, amax_bits, n, scale_max, BLOCK=BLOCK, EXACT_BF16=interpreting())
     return out

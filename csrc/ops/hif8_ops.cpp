@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "hif8/hif8.h"
 
@@ -132,10 +133,13 @@ inline uint32_t abs_bits(T v) {
   return hif8::f32_bits(static_cast<float>(v)) & 0x7FFFFFFFu;
 }
 
-inline float scale_from_amax_bits(uint32_t amax_bits, float scale_max) {
-  const float amax = hif8::f32_from_bits(amax_bits);
-  const float denom = amax < 1e-8f ? 1e-8f : amax;  // NaN stays NaN
+inline float scale_from_amax(float amax, float scale_max) {
+  const float denom = amax < 1e-8f ? 1e-8f : amax;  // NaN stays NaN; a negative given amax acts as 1e-8
   return scale_max / denom;
+}
+
+inline float scale_from_amax_bits(uint32_t amax_bits, float scale_max) {
+  return scale_from_amax(hif8::f32_from_bits(amax_bits), scale_max);
 }
 
 template <typename T>
@@ -144,7 +148,10 @@ inline T quantize_one(T v, float s, const hif8::EncodeTable& t, const float* lut
   return static_cast<T>(lut[hif8::encode_bits_table(t, hif8::f32_bits(xs))] / s);
 }
 
-at::Tensor hif8_quantize(const at::Tensor& x_in, double scale_max_d, bool rowwise) {
+// amax_opt: an optional given amax (float32; one element for the tensor granularity, one per row for rows)
+// that replaces the computed one, e.g. after an all-reduce over a process group.
+at::Tensor hif8_quantize(const at::Tensor& x_in, double scale_max_d, bool rowwise,
+                         const std::optional<at::Tensor>& amax_opt) {
   check_float_input(x_in, "hif8_quantize");
   const float scale_max = static_cast<float>(scale_max_d);
   TORCH_CHECK(std::isfinite(scale_max) && scale_max > 0.0f,
@@ -153,14 +160,25 @@ at::Tensor hif8_quantize(const at::Tensor& x_in, double scale_max_d, bool rowwis
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
+  const int64_t rows_total = rowwise ? (x.size(-1) == 0 ? 0 : n / x.size(-1)) : 1;
+  at::Tensor given;
+  if (amax_opt.has_value()) {
+    given = amax_opt->contiguous();
+    TORCH_CHECK(given.device().is_cpu() && given.scalar_type() == at::kFloat,
+                "hif8_quantize: amax must be a float32 CPU tensor, got ", given.scalar_type(), " on ",
+                given.device());
+    TORCH_CHECK(given.numel() == rows_total, "hif8_quantize: amax must have ", rows_total,
+                " element(s) (one per ", rowwise ? "row" : "tensor", "), got ", given.numel());
+  }
   if (n == 0) return out;
+  const float* given_amax = given.defined() ? given.const_data_ptr<float>() : nullptr;
   const hif8::EncodeTable& t = encode_table();
   const float* lut = decode_table();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hif8_quantize", [&] {
     const scalar_t* p = x.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     if (!rowwise) {
-      const uint32_t amax_bits = at::parallel_reduce(
+      const uint32_t amax_bits = given_amax ? hif8::f32_bits(given_amax[0]) : at::parallel_reduce(
           0, n, kGrain, uint32_t{0},
           [&](int64_t b, int64_t e, uint32_t acc) {
             for (int64_t i = b; i < e; ++i) {
@@ -182,12 +200,17 @@ at::Tensor hif8_quantize(const at::Tensor& x_in, double scale_max_d, bool rowwis
         for (int64_t r = rb; r < re; ++r) {
           const scalar_t* pr = p + r * cols;
           scalar_t* orow = o + r * cols;
-          uint32_t acc = 0;
-          for (int64_t j = 0; j < cols; ++j) {
-            const uint32_t a = abs_bits(pr[j]);
-            acc = a > acc ? a : acc;
+          float s;
+          if (given_amax) {
+            s = scale_from_amax(given_amax[r], scale_max);
+          } else {
+            uint32_t acc = 0;
+            for (int64_t j = 0; j < cols; ++j) {
+              const uint32_t a = abs_bits(pr[j]);
+              acc = a > acc ? a : acc;
+            }
+            s = scale_from_amax_bits(acc, scale_max);
           }
-          const float s = scale_from_amax_bits(acc, scale_max);
           for (int64_t j = 0; j < cols; ++j) orow[j] = quantize_one(pr[j], s, t, lut);
         }
       });
@@ -202,7 +225,7 @@ TORCH_LIBRARY_FRAGMENT(ospfn, m) {
   m.def("hif8_encode(Tensor x) -> Tensor");
   m.def("hif8_decode(Tensor codes, ScalarType dtype) -> Tensor");
   m.def("hif8_round(Tensor x) -> Tensor");
-  m.def("hif8_quantize(Tensor x, float scale_max, bool rowwise) -> Tensor");
+  m.def("hif8_quantize(Tensor x, float scale_max, bool rowwise, Tensor? amax=None) -> Tensor");
   m.def("_hif8_encode_arith(Tensor x) -> Tensor");
 }
 

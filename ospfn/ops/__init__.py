@@ -2,7 +2,8 @@
 
 from ospfn.ops.attn import attention
 from ospfn.ops.fourier import fourier_cutoff, fourier_high_freq
-from ospfn.ops.hif8 import hif8_decode, hif8_encode, hif8_quantize, hif8_round
+from ospfn.ops.hif8 import hif8_amax, hif8_decode, hif8_encode, hif8_quantize, hif8_round
+from ospfn.ops.hif8_gemm import HiF8Tensor, hif8_linear, hif8_matmul, hif8_pack, hif8_unpack
 from ospfn.ops.rope import apply_rope, rope_3d, rope_cos_sin, rope_split
 from ospfn.ops.skiparse import (
     SkiparseLayout,
@@ -22,6 +23,12 @@ __all__ = [
     "hif8_decode",
     "hif8_round",
     "hif8_quantize",
+    "hif8_amax",
+    "hif8_linear",
+    "HiF8Tensor",
+    "hif8_pack",
+    "hif8_unpack",
+    "hif8_matmul",
     "rope_3d",
     "rope_cos_sin",
     "rope_split",

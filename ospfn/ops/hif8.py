@@ -6,6 +6,8 @@ Public ops (each takes ``backend=None|"ref"|"cpp"|"triton"``, see :mod:`ospfn.ba
 * :func:`hif8_decode` -- codes -> exact values in the requested float dtype
 * :func:`hif8_round` -- nearest HiF8 value, same dtype as the input
 * :func:`hif8_quantize` -- scaled fake quant ``Q(x * s) / s`` with ``s = scale_max / max(amax, 1e-8)``
+* :func:`hif8_amax` -- the fp32 amax that :func:`hif8_quantize` would use (per tensor or per row), on device,
+  e.g. to all-reduce it over a process group and pass it back as ``hif8_quantize(..., amax=...)``
 
 None of these is differentiable: they return tensors without autograd history (the straight-through
 HiF8 linear is a separate op).
@@ -31,7 +33,7 @@ import torch
 
 from ospfn.backends import register, select
 
-__all__ = ["hif8_encode", "hif8_decode", "hif8_round", "hif8_quantize", "HIF8_MAX", "HIF8_NAN_CODE"]
+__all__ = ["hif8_encode", "hif8_decode", "hif8_round", "hif8_quantize", "hif8_amax", "HIF8_MAX", "HIF8_NAN_CODE"]
 
 HIF8_MAX = 32768.0  # largest finite value, 2^15
 HIF8_NAN_CODE = 0x80
@@ -108,6 +110,7 @@ def hif8_quantize(
     scale_max: float = 15.0,
     *,
     granularity: str = "tensor",
+    amax: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Scaled fake quantisation to HiF8, returned in ``x``'s dtype.
@@ -116,6 +119,20 @@ def hif8_quantize(
     max(amax, 1e-8)``, result ``Q(x * s) / s`` where Q is :func:`hif8_round`.  amax and s stay on the device
     (no host synchronisation).  ``scale_max`` is 15 for activations/weights and 224 for gradients in OSP-Next.
     A NaN or Inf anywhere in a tensor (or row) makes that tensor's (row's) result NaN.
+
+    ``amax`` (optional) replaces the computed amax: a float32 tensor on ``x``'s device of shape ``()`` for
+    ``granularity="tensor"`` or ``x.shape[:-1] + (1,)`` for ``"row"`` -- typically :func:`hif8_amax` of ``x``
+    all-reduced with MAX over a process group, so every rank quantises with the same scale.  It goes through
+    the same ``max(amax, 1e-8)`` floor (a negative amax acts as 1e-8).  With a given amax only NaN elements
+    give NaN, and elements with ``|x * s| >= 40960`` (possible when amax < max|x|) give +-Inf.
+
+    Example::
+
+        >>> x = torch.tensor([[0.1, -3.0], [7.5, 0.2]])
+        >>> hif8_quantize(x).tolist()  # amax 7.5 -> s = 2
+        [[0.1015625, -3.0], [7.5, 0.203125]]
+        >>> hif8_quantize(x, amax=torch.tensor(30.0)).tolist()  # s = 0.5: the grid of a 4x larger tensor
+        [[0.09375, -3.0], [7.5, 0.1875]]
     """
     dtype = x.dtype if isinstance(x, torch.Tensor) else None
     xn = _check_float(x, "hif8_quantize")
@@ -124,10 +141,63 @@ def hif8_quantize(
         raise ValueError(f"hif8_quantize: granularity must be one of {_GRANULARITIES}, got {granularity!r}")
     if granularity == "row" and xn.dim() == 0:
         raise ValueError("hif8_quantize: granularity='row' needs x with at least one dimension, got a 0-d tensor")
+    if amax is not None:
+        amax = _check_amax(amax, xn, granularity, "hif8_quantize")
     if xn.numel() == 0:
         return torch.empty_like(x)
-    out = select("hif8_quantize", backend, xn.device)(xn, sm, granularity == "row")
+    fn = select("hif8_quantize", backend, xn.device)
+    out = fn(xn, sm, granularity == "row") if amax is None else fn(xn, sm, granularity == "row", amax)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def _check_amax(amax: object, x: torch.Tensor, granularity: str, op: str) -> torch.Tensor:
+    if not isinstance(amax, torch.Tensor):
+        raise TypeError(f"{op}: amax must be a torch.Tensor of dtype float32 (or None), got {type(amax).__name__}")
+    if amax.dtype != torch.float32:
+        raise TypeError(f"{op}: amax must have dtype torch.float32, got {amax.dtype}")
+    if amax.device != x.device:
+        raise ValueError(f"{op}: amax must be on x's device {x.device}, got {amax.device}")
+    want = () if granularity == "tensor" else tuple(x.shape[:-1]) + (1,)
+    if tuple(amax.shape) != want:
+        raise ValueError(
+            f"{op}: amax for granularity={granularity!r} must have shape {want} "
+            f"({'a 0-d tensor' if granularity == 'tensor' else 'x.shape[:-1] + (1,)'}), got {tuple(amax.shape)}"
+        )
+    return amax.detach()
+
+
+def hif8_amax(x: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
+    """The amax :func:`hif8_quantize` uses: ``max|x|`` as float32, on ``x``'s device, without a host sync.
+
+    Shape ``()`` for ``granularity="tensor"``, ``x.shape[:-1] + (1,)`` for ``"row"``; NaN anywhere gives NaN
+    (like the amax inside :func:`hif8_quantize`); an empty tensor (row) gives 0.  One fused reduction, no
+    temporary copy of ``x``.  Not clamped: ``hif8_quantize`` applies the ``1e-8`` floor itself.
+
+    Example::
+
+        >>> x = torch.tensor([[1.0, -4.0], [0.5, 2.0]])
+        >>> hif8_amax(x)
+        tensor(4.)
+        >>> hif8_amax(x, "row").flatten().tolist()
+        [4.0, 2.0]
+        >>> hif8_quantize(x, amax=hif8_amax(x)).equal(hif8_quantize(x))
+        True
+    """
+    xn = _check_float(x, "hif8_amax")
+    if granularity not in _GRANULARITIES:
+        raise ValueError(f"hif8_amax: granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+    # max commutes with the monotone cast to fp32, so float64 is reduced first and cast after (vector_norm
+    # refuses a narrowing dtype=); narrower dtypes are widened inside the reduction kernel.
+    kw = {} if xn.dtype == torch.float64 else {"dtype": torch.float32}
+    if granularity == "row":
+        if xn.dim() == 0:
+            raise ValueError("hif8_amax: granularity='row' needs x with at least one dimension, got a 0-d tensor")
+        if xn.shape[-1] == 0:
+            return torch.zeros(xn.shape[:-1] + (1,), dtype=torch.float32, device=xn.device)
+        return torch.linalg.vector_norm(xn, math.inf, dim=-1, keepdim=True, **kw).to(torch.float32)
+    if xn.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=xn.device)
+    return torch.linalg.vector_norm(xn, math.inf, **kw).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,9 +278,10 @@ def _ref_round(x: torch.Tensor) -> torch.Tensor:
     return _ref_decode(_ref_encode(x), x.dtype)
 
 
-def _ref_quantize(x: torch.Tensor, scale_max: float, rowwise: bool) -> torch.Tensor:
+def _ref_quantize(x: torch.Tensor, scale_max: float, rowwise: bool, amax: torch.Tensor | None = None) -> torch.Tensor:
     xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
+    if amax is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
     denom = torch.where(amax < AMAX_FLOOR, torch.full_like(amax, AMAX_FLOOR), amax)  # keeps NaN
     s = torch.full_like(denom, scale_max).div(denom)  # correctly rounded fp32 division
     q = _ref_decode(_ref_encode(xf * s), torch.float32)
@@ -239,8 +310,10 @@ def _cpp_round(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.ospfn.hif8_round(x)
 
 
-def _cpp_quantize(x: torch.Tensor, scale_max: float, rowwise: bool) -> torch.Tensor:
-    return torch.ops.ospfn.hif8_quantize(x, scale_max, rowwise)
+def _cpp_quantize(x: torch.Tensor, scale_max: float, rowwise: bool, amax: torch.Tensor | None = None) -> torch.Tensor:
+    if amax is None:
+        return torch.ops.ospfn.hif8_quantize(x, scale_max, rowwise)
+    return torch.ops.ospfn.hif8_quantize(x, scale_max, rowwise, amax)
 
 
 register("hif8_encode", "cpp", _cpp_encode)
