@@ -73,9 +73,10 @@ def attend(q, k, v, mask=None):
 
 
 def reference_forward(p, *, dim, heads, num_layers, patch, eps, model_type, ratio, num_full, x, t, ctx,
-                      block_linear=None, fourier=None):  # fmt: skip
+                      block_linear=None, fourier=None, qkv_quant=None):  # fmt: skip
     """fp32 DiT forward.  ``block_linear(x, w, b)`` replaces the Linears inside blocks (HiF8 tests);
-    ``fourier`` = precomputed Fourier features [B, C, 1, H, W] for FlashI2V parameters."""
+    ``qkv_quant(t)`` is applied to self-attention q, k, v after RoPE; ``fourier`` = precomputed Fourier
+    features [B, C, 1, H, W] for FlashI2V parameters."""
     lin = F.linear
     blin = block_linear or F.linear
     B = x.shape[0]
@@ -103,6 +104,8 @@ def reference_forward(p, *, dim, heads, num_layers, patch, eps, model_type, rati
         v = blin(n, p[b + "self_attn.v.weight"], p[b + "self_attn.v.bias"])
         q, k, v = (z.view(B, -1, heads, d) for z in (q, k, v))
         q, k = rope_complex(q, grid), rope_complex(k, grid)
+        if qkv_quant is not None:
+            q, k, v = qkv_quant(q), qkv_quant(k), qkv_quant(v)
         a = attend(q, k, v, partition_mask(grid, ratio, layout)).reshape(B, -1, dim)
         xs = xs + blin(a, p[b + "self_attn.o.weight"], p[b + "self_attn.o.bias"]) * g1[:, None]
         n = F.layer_norm(xs, (dim,), p[b + "norm3.weight"], p[b + "norm3.bias"], eps)

@@ -52,13 +52,15 @@ def block_schedule(cfg: DiTConfig) -> list[str]:
 # small pieces
 
 
-def _linear(x: torch.Tensor, params: dict, name: str, quant: Optional[str] = None, amax_group=None) -> torch.Tensor:
+def _linear(x: torch.Tensor, params: dict, name: str, quant: Optional[str] = None, amax_group=None, rows=None) -> torch.Tensor:
     w = params[name + ".weight"]
     b = params.get(name + ".bias")
     if quant == "hif8":
         from ospfn.ops import hif8_linear
 
-        return hif8_linear(x, w, b, amax_group=amax_group)
+        if rows is not None:  # Skiparse pad rows must not move the per-tensor amax
+            x = x * rows[..., None].to(x.dtype)
+        return hif8_linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype), amax_group=amax_group)
     return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
@@ -161,21 +163,25 @@ class DiTRuntime:
 
 def _self_attention(x, params, cfg, p, rope, mask, batch, rt: DiTRuntime):
     n_h, d = cfg.num_heads, cfg.head_dim
-    q = _rms_norm(_linear(x, params, p + "self_attn.q", cfg.quant, rt.amax_group), params[p + "self_attn.norm_q.weight"], cfg.eps)
-    k = _rms_norm(_linear(x, params, p + "self_attn.k", cfg.quant, rt.amax_group), params[p + "self_attn.norm_k.weight"], cfg.eps)
-    v = _linear(x, params, p + "self_attn.v", cfg.quant, rt.amax_group)
+    lin = lambda t, name: _linear(t, params, p + name, cfg.quant, rt.amax_group, mask)  # noqa: E731
+    q = _rms_norm(lin(x, "self_attn.q"), params[p + "self_attn.norm_q.weight"], cfg.eps)
+    k = _rms_norm(lin(x, "self_attn.k"), params[p + "self_attn.norm_k.weight"], cfg.eps)
+    v = lin(x, "self_attn.v")
     q, k, v = (t.view(t.shape[0], t.shape[1], n_h, d) for t in (q, k, v))
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cfg.quant_attn == "hif8":
+        if mask is not None:  # pad rows out of the amax (they are masked keys and cropped queries anyway)
+            keep = mask[:, :, None, None].to(q.dtype)
+            q, k, v = q * keep, k * keep, v * keep
         q, k, v = _hif8_ste(q), _hif8_ste(k), _hif8_ste(v)
     o = attention(q, k, v, key_mask=mask, backend=rt.attn_backend)
-    return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), params, p + "self_attn.o", cfg.quant, rt.amax_group)
+    return lin(o.reshape(o.shape[0], o.shape[1], cfg.dim), "self_attn.o")
 
 
-def _cross_attention(x, ctx, params, cfg, p, batch, rt: DiTRuntime):
+def _cross_attention(x, ctx, params, cfg, p, batch, rt: DiTRuntime, rows=None):
     n_h, d = cfg.num_heads, cfg.head_dim
-    q = _rms_norm(_linear(x, params, p + "cross_attn.q", cfg.quant, rt.amax_group), params[p + "cross_attn.norm_q.weight"], cfg.eps)
+    q = _rms_norm(_linear(x, params, p + "cross_attn.q", cfg.quant, rt.amax_group, rows), params[p + "cross_attn.norm_q.weight"], cfg.eps)
     k = _rms_norm(_linear(ctx, params, p + "cross_attn.k", cfg.quant, rt.amax_group), params[p + "cross_attn.norm_k.weight"], cfg.eps)
     v = _linear(ctx, params, p + "cross_attn.v", cfg.quant, rt.amax_group)
     G = x.shape[0] // batch
@@ -183,7 +189,7 @@ def _cross_attention(x, ctx, params, cfg, p, batch, rt: DiTRuntime):
     k = k.view(batch, -1, n_h, d).repeat(G, 1, 1, 1)
     v = v.view(batch, -1, n_h, d).repeat(G, 1, 1, 1)
     o = attention(q.view(q.shape[0], q.shape[1], n_h, d), k, v, backend=rt.attn_backend)
-    return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), params, p + "cross_attn.o", cfg.quant, rt.amax_group)
+    return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), params, p + "cross_attn.o", cfg.quant, rt.amax_group, rows)
 
 
 def _block(x, e0, ctx, params, cfg, i, rope, mask, batch, rt: DiTRuntime):
@@ -193,9 +199,10 @@ def _block(x, e0, ctx, params, cfg, i, rope, mask, batch, rt: DiTRuntime):
     h = _modulate(_layer_norm(x, cfg.eps), sh1, sc1, batch).to(x.dtype)
     x = _gated_residual(x, _self_attention(h, params, cfg, p, rope, mask, batch, rt), g1, batch)
     h = _layer_norm(x, cfg.eps, params[p + "norm3.weight"], params[p + "norm3.bias"]).to(x.dtype)
-    x = x + _cross_attention(h, ctx, params, cfg, p, batch, rt)
+    x = x + _cross_attention(h, ctx, params, cfg, p, batch, rt, mask)
     h = _modulate(_layer_norm(x, cfg.eps), sh2, sc2, batch).to(x.dtype)
-    f = _linear(F.gelu(_linear(h, params, p + "ffn.0", cfg.quant, rt.amax_group), approximate="tanh"), params, p + "ffn.2", cfg.quant, rt.amax_group)
+    f = _linear(h, params, p + "ffn.0", cfg.quant, rt.amax_group, mask)
+    f = _linear(F.gelu(f, approximate="tanh"), params, p + "ffn.2", cfg.quant, rt.amax_group, mask)
     return _gated_residual(x, f, g2, batch)
 
 
