@@ -1,0 +1,90 @@
+"""Optimisation helpers for the SFT / RL recipes: AdamW, EMA, adaptive gradient clipping, LR schedule.
+
+All are small and stateful only through explicit ``state_dict`` / ``load_state_dict`` so a resumed run
+continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+__all__ = ["make_adamw", "EMA", "AdaptiveGradClip", "warmup_constant"]
+
+
+def make_adamw(params: Iterable[torch.Tensor], *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-15):
+    """AdamW as OSP-Next trains (eps 1e-15); ``foreach`` kernels, deterministic on CPU."""
+    return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, foreach=True)
+
+
+def warmup_constant(step: int, *, base_lr: float, warmup_steps: int = 0) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then constant (the released recipes' schedule)."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+class EMA:
+    """Exponential moving average of a parameter dict: ema <- decay * ema + (1 - decay) * param (fp32)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA: decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor]) -> None:
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [params[k].detach().float() for k in keys], 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if set(sd["shadow"]) != set(self.shadow):
+            raise KeyError("EMA.load_state_dict: parameter names differ from the model's")
+        self.decay = float(sd["decay"])
+        for k, v in sd["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+class AdaptiveGradClip:
+    """Clip the global gradient norm to EMA(norm) + k * sqrt(EMA(var)) (OSP-Next: k = 3, decay 0.99).
+
+    Until the statistics exist the threshold is ``initial`` (1.0).  Statistics are updated with the clipped
+    norm so a single spike does not raise the bar for the next steps.
+    """
+
+    def __init__(self, *, initial: float = 1.0, decay: float = 0.99, k: float = 3.0) -> None:
+        self.initial, self.decay, self.k = float(initial), float(decay), float(k)
+        self.mean = None
+        self.var = 0.0
+
+    def threshold(self) -> float:
+        return self.initial if self.mean is None else self.mean + self.k * math.sqrt(self.var)
+
+    @torch.no_grad()
+    def __call__(self, grads: list[torch.Tensor]) -> tuple[float, float]:
+        """Clip in place; returns (norm before clipping, threshold used)."""
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+        thr = self.threshold()
+        if norm > thr and norm > 0:
+            torch._foreach_mul_(grads, thr / norm)
+        used = min(norm, thr)
+        if self.mean is None:
+            self.mean, self.var = used, 0.0
+        else:
+            delta = used - self.mean
+            self.mean += (1 - self.decay) * delta
+            self.var = self.decay * (self.var + (1 - self.decay) * delta * delta)
+        return norm, thr
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "initial": self.initial, "decay": self.decay, "k": self.k}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.mean, self.var = sd["mean"], sd["var"]
+        self.initial, self.decay, self.k = sd["initial"], sd["decay"], sd["k"]
