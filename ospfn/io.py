@@ -40,6 +40,9 @@ def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     return tmp
 
 
@@ -48,7 +51,7 @@ def write_mp4(path, video: torch.Tensor, *, fps: int = 8, scale: int = 1) -> Pat
     import av
 
     path = Path(path)
-    frames = _upscale(to_uint8(video).permute(1, 2, 3, 0), 1)  # [F, H, W, 3]
+    frames = to_uint8(video).permute(1, 2, 3, 0)  # [F, H, W, 3]
     if scale > 1:
         frames = frames.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     F_, H, W, _ = frames.shape

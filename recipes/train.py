@@ -41,21 +41,14 @@ def fail(msg: str) -> None:
 
 def build(cfg):
     """Model config, text config, VAE and dataset from the recipe config (validated, before any work)."""
-    from ospfn.model import DiTConfig
-    from ospfn.model.text import TinyTextConfig
     from ospfn.model.vae import PixelVAE
+    from ospfn.train.sft import derive_configs
 
-    vae = PixelVAE(cfg.vae.spatial)
-    over = dict(cfg.model.overrides)
-    for key in ("in_dim", "out_dim", "i2v", "text_len"):
-        if key in over:
-            fail(f"model.overrides.{key} is derived (VAE channels / train.task / text.text_len); remove it")
     try:
-        dit_cfg = DiTConfig.preset(cfg.model.preset, **over, in_dim=vae.latent_channels, out_dim=vae.latent_channels,
-                                   i2v="flashi2v" if cfg.train.task == "flashi2v" else "none", text_len=cfg.text.text_len)  # fmt: skip
-        text_cfg = TinyTextConfig(text_dim=dit_cfg.text_dim, text_len=cfg.text.text_len, vocab=cfg.text.vocab, heads=cfg.text.heads)
+        dit_cfg, text_cfg, _ = derive_configs(cfg)
     except ValueError as e:
         fail(f"model: {e}")
+    vae = PixelVAE(cfg.vae.spatial)
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
         fail(f"model.checkpoint: no such file or directory: {cfg.model.checkpoint}")
     if cfg.data.kind == "synthetic":
@@ -91,10 +84,9 @@ def main(argv=None) -> int:
     from ospfn.model import init_params
     from ospfn.model.checkpoint import load_checkpoint
     from ospfn.model.text import init_tiny_text_params, tiny_text_forward
-    from ospfn.pipeline import save_pipeline
     from ospfn.sched import flow_matching_loss
     from ospfn.train.optim import EMA, AdaptiveGradClip, make_adamw, warmup_constant
-    from ospfn.train.sft import join_params, sample_order, split_params, step_generator
+    from ospfn.train.sft import export_pipeline, join_params, sample_order, split_params, step_generator
     from ospfn.train.state import latest_checkpoint, load_train_state, save_train_state
 
     tc, oc = cfg.train, cfg.optim
@@ -110,6 +102,7 @@ def main(argv=None) -> int:
     else:
         dit = load_checkpoint(cfg.model.checkpoint, dit_cfg, dtype=torch.float32) if cfg.model.checkpoint else init_params(dit_cfg, seed=tc.seed)
         params = join_params(dit, init_tiny_text_params(text_cfg, seed=tc.seed + 1))
+    params = dict(sorted(params.items()))  # one fixed order: the optimizer state is stored by position
     for k, v in params.items():
         v.requires_grad_(k.startswith("dit.") or cfg.text.train)
     trainable = [v for v in params.values() if v.requires_grad]
@@ -170,7 +163,7 @@ def main(argv=None) -> int:
                     logit_normal=tc.logit_normal, attn_backend=tc.attn_backend, grad_checkpoint=tc.grad_checkpoint,
                 )  # fmt: skip
             (loss / tc.grad_accum).backward()
-            total += float(loss) / tc.grad_accum
+            total += float(loss.detach()) / tc.grad_accum
         grads = [v.grad for v in trainable if v.grad is not None]
         if oc.adaptive_clip:
             gnorm, thr = clip(grads)
@@ -197,13 +190,7 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     if step >= tc.steps:
-        dit_ema, text_ema = split_params(ema.shadow)
-        final = save_pipeline(
-            out_dir / "final", cfg=dit_cfg, params=dit_ema, text_params=text_ema, text_cfg=text_cfg,
-            vae={"kind": cfg.vae.kind, "spatial": cfg.vae.spatial},
-            defaults={"frames": cfg.data.frames, "size": list(cfg.data.size), **{k: getattr(cfg.sample, k) for k in ("steps", "guidance", "shift", "fourier_ratio", "fps")}},
-            info={"trained_steps": step, "samples_seen": pos, "config": cfg.to_dict()},
-        )  # fmt: skip
+        final = export_pipeline(cfg, ema.shadow, out_dir / "final", info={"trained_steps": step, "samples_seen": pos})
         print(f"exported the EMA pipeline to {final}", flush=True)
     return 0
 

@@ -27,6 +27,10 @@ def _coerce(value: Any, tp, path: str):
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if tp in (dict, list):  # bare containers: shape checked, contents free
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path}: expected a {'mapping' if tp is dict else 'list'}, got {type(value).__name__} {value!r}")
+        return tp(value)
     if origin is Union:
         if value is None and type(None) in args:
             return None

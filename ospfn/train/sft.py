@@ -147,3 +147,32 @@ def split_params(params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def join_params(dit: dict, text: dict) -> dict:
     return {**{f"dit.{k}": v for k, v in dit.items()}, **{f"text.{k}": v for k, v in text.items()}}
+
+
+def derive_configs(cfg: SFTConfig):
+    """(DiTConfig, TinyTextConfig, vae spec) of a recipe config; in_dim/out_dim follow the VAE, i2v the task."""
+    from ospfn.model import DiTConfig
+    from ospfn.model.text import TinyTextConfig
+    from ospfn.model.vae import PixelVAE
+
+    vae = PixelVAE(cfg.vae.spatial)
+    over = dict(cfg.model.overrides)
+    for key in ("in_dim", "out_dim", "i2v", "text_len"):
+        if key in over:
+            raise ValueError(f"model.overrides.{key} is derived (VAE channels / train.task / text.text_len); remove it")
+    dit_cfg = DiTConfig.preset(cfg.model.preset, **over, in_dim=vae.latent_channels, out_dim=vae.latent_channels,
+                               i2v="flashi2v" if cfg.train.task == "flashi2v" else "none", text_len=cfg.text.text_len)  # fmt: skip
+    text_cfg = TinyTextConfig(text_dim=dit_cfg.text_dim, text_len=cfg.text.text_len, vocab=cfg.text.vocab, heads=cfg.text.heads)
+    return dit_cfg, text_cfg, {"kind": cfg.vae.kind, "spatial": cfg.vae.spatial}
+
+
+def export_pipeline(cfg: SFTConfig, weights: dict, out, info: Optional[dict] = None):
+    """Write a pipeline directory from trainable weights with "dit." / "text." prefixes (e.g. the EMA)."""
+    from ospfn.pipeline import save_pipeline
+
+    dit_cfg, text_cfg, vae = derive_configs(cfg)
+    dit, text = split_params(weights)
+    defaults = {"frames": cfg.data.frames, "size": list(cfg.data.size)}
+    defaults.update({k: getattr(cfg.sample, k) for k in ("steps", "guidance", "shift", "fourier_ratio", "fps")})
+    return save_pipeline(out, cfg=dit_cfg, params=dit, text_params=text, text_cfg=text_cfg, vae=vae, defaults=defaults,
+                         info={**(info or {}), "config": cfg.to_dict()})  # fmt: skip
