@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -67,8 +67,9 @@ class CMakeBuild(build_ext):
 ext_modules = [] if os.environ.get("OSPFN_SKIP_EXT") == "1" else [CMakeExtension("ospfn._C", ROOT)]
 
 setup(
-    packages=["ospfn", "ospfn.ops", "ospfn.kernels"],
+    packages=find_packages(include=["ospfn", "ospfn.*"]) + ["ospfn.kernels"],
     package_dir={"ospfn": "ospfn", "ospfn.kernels": "kernels"},
+    package_data={"ospfn": ["assets/tiny_flashi2v/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )
