@@ -1,0 +1,1 @@
+"""Training helpers for the recipes: optimiser / EMA / clipping, checkpoint state, config schema, SFT pieces."""
