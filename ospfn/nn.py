@@ -40,10 +40,10 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.index = index
 
-    def forward(self, x, e0, ctx, _params, cfg, i, rope, mask, batch, rt):
+    def forward(self, x, e0, ctx, _params, cfg, i, rope, mask, batch, rt, rows="same"):
         prefix = f"blocks.{self.index}."
         own = {prefix + n: p for n, p in self.named_parameters()}
-        return dit._block(x, e0, ctx, own, cfg, i, rope, mask, batch, rt)
+        return dit._block(x, e0, ctx, own, cfg, i, rope, mask, batch, rt, rows)
 
 
 def _make_leaf(leaves: dict[str, tuple[int, ...]]) -> nn.Module:

@@ -104,10 +104,10 @@ def time_embedding(t: torch.Tensor, freq_dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).float()
 
 
-def _hif8_ste(x: torch.Tensor) -> torch.Tensor:
+def _hif8_ste(x: torch.Tensor, amax_group=None) -> torch.Tensor:
     from ospfn.model.quant import hif8_fake_quant_ste
 
-    return hif8_fake_quant_ste(x)
+    return hif8_fake_quant_ste(x, amax_group=amax_group)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,11 +159,23 @@ class DiTRuntime:
     attn_backend: Optional[str] = None
     grad_checkpoint: bool = False
     amax_group: object = None  # process group for HiF8 amax all-reduce under sequence parallelism
+    parallel: object = None  # ospfn.dist.ParallelState, or None on one process
+    layout: str = "full"  # layout of the block being run
+
+    def attend(self, q, k, v, key_mask):
+        """Self-attention of the current block: local, or Ulysses over the right group under SP."""
+        st = self.parallel
+        if st is None:
+            return attention(q, k, v, key_mask=key_mask, backend=self.attn_backend)
+        from ospfn.dist import ulysses_attention
+
+        group = st.sp_group if self.layout == "full" else st.ulysses_group
+        return ulysses_attention(q, k, v, group=group, key_mask=key_mask, backend=self.attn_backend)
 
 
-def _self_attention(x, params, cfg, p, rope, mask, batch, rt: DiTRuntime):
+def _self_attention(x, params, cfg, p, rope, mask, batch, rt: DiTRuntime, rows=None):
     n_h, d = cfg.num_heads, cfg.head_dim
-    lin = lambda t, name: _linear(t, params, p + name, cfg.quant, rt.amax_group, mask)  # noqa: E731
+    lin = lambda t, name: _linear(t, params, p + name, cfg.quant, rt.amax_group, rows)  # noqa: E731
     q = _rms_norm(lin(x, "self_attn.q"), params[p + "self_attn.norm_q.weight"], cfg.eps)
     k = _rms_norm(lin(x, "self_attn.k"), params[p + "self_attn.norm_k.weight"], cfg.eps)
     v = lin(x, "self_attn.v")
@@ -171,19 +183,26 @@ def _self_attention(x, params, cfg, p, rope, mask, batch, rt: DiTRuntime):
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cfg.quant_attn == "hif8":
-        if mask is not None:  # pad rows out of the amax (they are masked keys and cropped queries anyway)
-            keep = mask[:, :, None, None].to(q.dtype)
+        if rows is not None:  # pad rows out of the amax (they are masked keys and cropped queries anyway)
+            keep = rows[:, :, None, None].to(q.dtype)
             q, k, v = q * keep, k * keep, v * keep
-        q, k, v = _hif8_ste(q), _hif8_ste(k), _hif8_ste(v)
-    o = attention(q, k, v, key_mask=mask, backend=rt.attn_backend)
+        q, k, v = (_hif8_ste(z, rt.amax_group) for z in (q, k, v))
+    o = rt.attend(q, k, v, mask)
     return lin(o.reshape(o.shape[0], o.shape[1], cfg.dim), "self_attn.o")
 
 
 def _cross_attention(x, ctx, params, cfg, p, batch, rt: DiTRuntime, rows=None):
     n_h, d = cfg.num_heads, cfg.head_dim
     q = _rms_norm(_linear(x, params, p + "cross_attn.q", cfg.quant, rt.amax_group, rows), params[p + "cross_attn.norm_q.weight"], cfg.eps)
-    k = _rms_norm(_linear(ctx, params, p + "cross_attn.k", cfg.quant, rt.amax_group), params[p + "cross_attn.norm_k.weight"], cfg.eps)
+    k = _linear(ctx, params, p + "cross_attn.k", cfg.quant, rt.amax_group)
     v = _linear(ctx, params, p + "cross_attn.v", cfg.quant, rt.amax_group)
+    if cfg.quant == "hif8" and rt.parallel is not None and rt.parallel.sp_size > 1:
+        # text K/V are replicated over the SP group but each rank's gradient covers its own queries only;
+        # the HiF8 backward quantises that gradient, so it must see the whole of it (see replicated_grad)
+        from ospfn.dist.comm import replicated_grad
+
+        k, v = replicated_grad(k, rt.parallel.sp_group), replicated_grad(v, rt.parallel.sp_group)
+    k = _rms_norm(k, params[p + "cross_attn.norm_k.weight"], cfg.eps)
     G = x.shape[0] // batch
     # text K/V are computed once per sample and tiled over the folded slots (slot-major batch)
     k = k.view(batch, -1, n_h, d).repeat(G, 1, 1, 1)
@@ -192,17 +211,20 @@ def _cross_attention(x, ctx, params, cfg, p, batch, rt: DiTRuntime, rows=None):
     return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), params, p + "cross_attn.o", cfg.quant, rt.amax_group, rows)
 
 
-def _block(x, e0, ctx, params, cfg, i, rope, mask, batch, rt: DiTRuntime):
+def _block(x, e0, ctx, params, cfg, i, rope, mask, batch, rt: DiTRuntime, rows="same"):
+    """One DiT block.  ``mask``: key-padding mask of self-attention; ``rows``: which local rows are real
+    tokens (the same as ``mask`` on one process; the local part of it under sequence parallelism)."""
     p = f"blocks.{i}."
+    rows = mask if isinstance(rows, str) else rows
     mod = (params[p + "modulation"].float() + e0).unbind(1)  # 6 x [B, C] fp32
     sh1, sc1, g1, sh2, sc2, g2 = mod
     h = _modulate(_layer_norm(x, cfg.eps), sh1, sc1, batch).to(x.dtype)
-    x = _gated_residual(x, _self_attention(h, params, cfg, p, rope, mask, batch, rt), g1, batch)
+    x = _gated_residual(x, _self_attention(h, params, cfg, p, rope, mask, batch, rt, rows), g1, batch)
     h = _layer_norm(x, cfg.eps, params[p + "norm3.weight"], params[p + "norm3.bias"]).to(x.dtype)
-    x = x + _cross_attention(h, ctx, params, cfg, p, batch, rt, mask)
+    x = x + _cross_attention(h, ctx, params, cfg, p, batch, rt, rows)
     h = _modulate(_layer_norm(x, cfg.eps), sh2, sc2, batch).to(x.dtype)
-    f = _linear(h, params, p + "ffn.0", cfg.quant, rt.amax_group, mask)
-    f = _linear(F.gelu(f, approximate="tanh"), params, p + "ffn.2", cfg.quant, rt.amax_group, mask)
+    f = _linear(h, params, p + "ffn.0", cfg.quant, rt.amax_group, rows)
+    f = _linear(F.gelu(f, approximate="tanh"), params, p + "ffn.2", cfg.quant, rt.amax_group, rows)
     return _gated_residual(x, f, g2, batch)
 
 
@@ -241,6 +263,7 @@ def forward(
     amax_group=None,
     block_hook: Optional[Callable[[int, str, torch.Tensor], None]] = None,
     block_fn: Optional[Callable] = None,
+    parallel=None,
 ) -> torch.Tensor:
     """Predicted velocity, fp32 [B, out_dim, T, H, W].
 
@@ -252,9 +275,15 @@ def forward(
     ``amax_group`` is passed to HiF8 linears; ``block_hook(i, layout, x)`` sees the stream after each block.
     ``block_fn(i, x, *block_args)`` replaces the block call (the ``ospfn.nn`` module shells route blocks
     through their submodules this way, for FSDP2 / activation checkpointing wrappers).
+    ``parallel`` (``ospfn.dist.ParallelState``) runs the model sequence-parallel over the state's SP group:
+    every rank gets the same inputs and returns the full output; Skiparse blocks keep whole sub-sequences
+    per rank (one all-to-all per layout change), full blocks use Ulysses.  Gradients of the (replicated)
+    parameters are then partial per rank: sum them over the SP group (``ospfn.dist.sum_sp_grads``).
     """
     _check_inputs(params, cfg, x, t, context)
-    rt = DiTRuntime(attn_backend=attn_backend, grad_checkpoint=grad_checkpoint, amax_group=amax_group)
+    if parallel is not None and parallel.sp_size > 1 and cfg.quant == "hif8" and amax_group is None:
+        amax_group = parallel.sp_group  # SP ranks must quantise with one amax
+    rt = DiTRuntime(attn_backend=attn_backend, grad_checkpoint=grad_checkpoint, amax_group=amax_group, parallel=parallel)
     B = x.shape[0]
     pt, ph, pw = cfg.patch_size
     grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
@@ -287,6 +316,8 @@ def forward(
     # per-layout RoPE tables and key masks, built once
     P = cfg.sparse_ratio
     schedule = block_schedule(cfg)
+    if parallel is not None and parallel.sp_size > 1:
+        return _forward_parallel(x_tok, e, e0, ctx, params, cfg, grid, schedule, B, rt, block_fn, block_hook)
     ropes, masks = {}, {}
     for layout in set(schedule):
         if layout == "full":
@@ -301,23 +332,80 @@ def forward(
     for i, layout in enumerate(schedule):
         x_tok = _relayout(x_tok, grid, P, cur, layout)
         cur = layout
-        args = (e0, ctx, params, cfg, i, ropes[layout], masks[layout], B, rt)
-        run = _block if block_fn is None else (lambda x_, *a, _i=i: block_fn(_i, x_, *a))
-        if grad_checkpoint and torch.is_grad_enabled():
-            x_tok = checkpoint(run, x_tok, *args, use_reentrant=False)
-        else:
-            x_tok = run(x_tok, *args)
+        rt.layout = layout
+        x_tok = _run_block(x_tok, (e0, ctx, params, cfg, i, ropes[layout], masks[layout], B, rt), i, block_fn, grad_checkpoint)
         if block_hook is not None:
             block_hook(i, layout, x_tok)
     x_tok = _relayout(x_tok, grid, P, cur, "full")
+    return _head(x_tok, e, params, cfg, grid, B)
 
-    # head
+
+def _run_block(x_tok, args, i, block_fn, grad_checkpoint):
+    run = _block if block_fn is None else (lambda x_, *a, _i=i: block_fn(_i, x_, *a))
+    if grad_checkpoint and torch.is_grad_enabled():
+        return checkpoint(run, x_tok, *args, use_reentrant=False)
+    return run(x_tok, *args)
+
+
+def _head_tokens(x_tok, e, params, cfg):
+    """Per-token head output [B, n, out_dim * prod(patch)] (modulated LayerNorm + Linear)."""
     shift, scale = (params["head.modulation"].float() + e[:, None]).unbind(1)
     h = (_layer_norm(x_tok, cfg.eps) * (1 + scale[:, None]) + shift[:, None]).to(x_tok.dtype)
-    out = _linear(h, params, "head.head")
+    return _linear(h, params, "head.head")
+
+
+def _unpatchify(out, cfg, grid, B):
+    pt, ph, pw = cfg.patch_size
     T_, H_, W_ = grid
     out = out.view(B, T_, H_, W_, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return out.reshape(B, cfg.out_dim, T_ * pt, H_ * ph, W_ * pw).float()
+
+
+def _head(x_tok, e, params, cfg, grid, B):
+    return _unpatchify(_head_tokens(x_tok, e, params, cfg), cfg, grid, B)
+
+
+def _forward_parallel(x_tok, e, e0, ctx, params, cfg, grid, schedule, B, rt, block_fn, block_hook):
+    """The block loop on one rank of the SP group (inputs replicated, output gathered)."""
+    from ospfn.dist import all_gather_seq, check_model_parallel, comm_tag, local_rows_of, relayout
+
+    st = rt.parallel
+    check_model_parallel(cfg, st, grid)
+    P = cfg.sparse_ratio
+    dev = x_tok.device
+    ropes, masks, rows = {}, {}, {}
+    for layout in set(schedule):
+        if layout == "full":
+            pos = local_rows_of(skiparse_positions(grid, 1, None, device=dev)[0], grid, P, "full", st)[None]
+            masks[layout] = rows[layout] = None
+        else:
+            pos = local_rows_of(skiparse_positions(grid, P, layout, device=dev), grid, P, layout, st)
+            full_mask = skiparse_key_mask(grid, P, layout, B, device=dev)
+            if full_mask is None:
+                masks[layout] = rows[layout] = None
+            else:
+                G = P * P // st.S
+                keys = full_mask[st.s_rank * G * B : (st.s_rank + 1) * G * B]  # local slots, whole sub-sequences
+                L = keys.shape[1] // st.U
+                masks[layout] = keys
+                rows[layout] = keys[:, st.u_rank * L : (st.u_rank + 1) * L]
+        ropes[layout] = rope_cos_sin(pos, cfg.head_dim, theta=cfg.rope_theta)
+    n_local = x_tok.shape[1] // st.sp_size
+    x_loc = x_tok[:, st.sp_rank * n_local : (st.sp_rank + 1) * n_local]
+    cur = "full"
+    for i, layout in enumerate(schedule):
+        with comm_tag(f"block{i}:{layout}"):
+            x_loc = relayout(x_loc, grid, P, cur, layout, st, batch=B)
+            cur = layout
+            rt.layout = layout
+            args = (e0, ctx, params, cfg, i, ropes[layout], masks[layout], B, rt, rows[layout])
+            x_loc = _run_block(x_loc, args, i, block_fn, rt.grad_checkpoint)
+        if block_hook is not None:
+            block_hook(i, layout, x_loc)
+    with comm_tag("head"):
+        x_loc = relayout(x_loc, grid, P, cur, "full", st, batch=B)
+        out = all_gather_seq(_head_tokens(x_loc, e, params, cfg), 1, st.sp_group)  # head on local tokens only
+    return _unpatchify(out, cfg, grid, B)
 
 
 def _relayout(x: torch.Tensor, grid, P: int, src: str, dst: str) -> torch.Tensor:

@@ -261,9 +261,13 @@ def _pad_grid(x: torch.Tensor, lay: SkiparseLayout, fill=0) -> torch.Tensor:
 
 
 def _ref_fold(x: torch.Tensor, lay: SkiparseLayout, kind: str, fill=0) -> torch.Tensor:
-    B, _, C = x.shape
+    return fold_padded_grid(_pad_grid(x, lay, fill), lay, kind)
+
+
+def fold_padded_grid(g: torch.Tensor, lay: SkiparseLayout, kind: str) -> torch.Tensor:
+    """Fold an already padded grid [B, T, Hp, Wp, C] into the ``kind`` layout [P^2 B, N_pad / P^2, C]."""
+    B, C = g.shape[0], g.shape[-1]
     T, P, Hp, Wp = lay.T, lay.P, lay.Hp, lay.Wp
-    g = _pad_grid(x, lay, fill)
     if kind == "token":
         # (b, t, h'', p, w'', q, c) -> (p, q, b, t, h'', w'', c)
         g = g.reshape(B, T, Hp // P, P, Wp // P, P, C).permute(3, 5, 0, 1, 2, 4, 6)

@@ -1,0 +1,42 @@
+"""Distributed execution on torch.distributed: Sparse Sequence Parallelism (SSP), Ulysses, accounting.
+
+* ``ParallelConfig`` / ``init_parallel``: (dp, skiparse_sp, sp) groups from the torchrun environment.
+* ``ospfn.model.forward(..., parallel=state)`` runs the same model on the SP group: Skiparse blocks keep whole
+  sub-sequences per rank and re-lay-out the stream with ONE all-to-all (``relayout``); full blocks use
+  Ulysses (``ulysses_attention``, four all-to-alls, heads padded when they do not divide the group).
+* ``comm_stats()``: calls and bytes per collective kind, so the 4 -> 1 claim is measured.
+"""
+
+from ospfn.dist.comm import CommStats, all_gather_seq, all_to_all, comm_stats, comm_tag
+from ospfn.dist.layout import layout_ids, local_rows_of, relayout
+from ospfn.dist.mesh import ParallelConfig, ParallelState, check_model_parallel, init_parallel
+from ospfn.dist.ulysses import ulysses_attention
+
+__all__ = [
+    "ParallelConfig",
+    "ParallelState",
+    "init_parallel",
+    "check_model_parallel",
+    "comm_stats",
+    "comm_tag",
+    "CommStats",
+    "all_to_all",
+    "all_gather_seq",
+    "relayout",
+    "layout_ids",
+    "local_rows_of",
+    "ulysses_attention",
+    "sum_sp_grads",
+]
+
+
+def sum_sp_grads(params, state) -> None:
+    """All-reduce (sum) the gradients of replicated parameters over the SP group: under sequence parallelism
+    each rank's gradient covers its own tokens only."""
+    import torch.distributed as dist
+
+    if state.sp_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=state.sp_group)

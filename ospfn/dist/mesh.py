@@ -1,0 +1,140 @@
+"""Parallel configuration and process groups: data parallel x Skiparse SP (S) x Ulysses SP (U).
+
+Ranks are laid out as a (dp, skiparse_sp, sp) mesh with sp innermost: rank = d*S*U + s*U + u.  The
+sequence-parallel (SP) group of a data-parallel replica is its S*U ranks; its Skiparse group (fixed u) has
+S ranks, its Ulysses group (fixed s) U ranks.  Everything comes from torchrun's standard environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+    >>> from ospfn.dist import ParallelConfig
+    >>> ParallelConfig(skiparse_sp=2, ulysses_sp=1).sp_size
+    2
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ParallelConfig", "ParallelState", "init_parallel", "check_model_parallel"]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """``skiparse_sp`` = S (shards the P^2 Skiparse slots; must divide P^2), ``ulysses_sp`` = U (shards
+    sequences and exchanges heads; any size: head counts that do not divide it are padded)."""
+
+    skiparse_sp: int = 1
+    ulysses_sp: int = 1
+
+    def __post_init__(self):
+        for name in ("skiparse_sp", "ulysses_sp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ParallelConfig: {name} must be a positive int, got {v!r}")
+
+    @property
+    def sp_size(self) -> int:
+        return self.skiparse_sp * self.ulysses_sp
+
+
+@dataclass
+class ParallelState:
+    config: ParallelConfig
+    world: int
+    rank: int
+    dp: int
+    dp_rank: int
+    sp_group: Optional[object]  # the S*U ranks of this data-parallel replica
+    sp_rank: int  # s*U + u
+    skiparse_group: Optional[object]
+    s_rank: int
+    ulysses_group: Optional[object]
+    u_rank: int
+    device: torch.device
+
+    @property
+    def S(self) -> int:
+        return self.config.skiparse_sp
+
+    @property
+    def U(self) -> int:
+        return self.config.ulysses_sp
+
+    @property
+    def sp_size(self) -> int:
+        return self.config.sp_size
+
+
+def init_parallel(config: ParallelConfig, *, backend: Optional[str] = None, device: Optional[str] = None) -> ParallelState:
+    """Initialise torch.distributed from the torchrun environment (if needed) and build the groups.
+
+    Raises ``ValueError`` (the same message on every rank, before any collective) when the world size is not
+    a multiple of S*U.
+    """
+    if not isinstance(config, ParallelConfig):
+        raise TypeError(f"init_parallel: config must be a ParallelConfig, got {type(config).__name__}")
+    if not dist.is_initialized():
+        world_env = os.environ.get("WORLD_SIZE")
+        if world_env is None:
+            raise RuntimeError("init_parallel: torch.distributed is not initialised and WORLD_SIZE is unset; launch with torchrun")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        backend = backend or ("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    S, U = config.skiparse_sp, config.ulysses_sp
+    if world % (S * U):
+        raise ValueError(
+            f"init_parallel: world size {world} is not a multiple of skiparse_sp * ulysses_sp = {S} * {U} = {S * U}"
+        )
+    if device is None:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
+        torch.cuda.set_device(dev)
+    SU = S * U
+    dp = world // SU
+    d, rem = divmod(rank, SU)
+    s, u = divmod(rem, U)
+    # every rank creates every group, in the same order
+    sp_group = skiparse_group = ulysses_group = None
+    for dd in range(dp):
+        g = dist.new_group([dd * SU + i for i in range(SU)])
+        if dd == d:
+            sp_group = g
+        for uu in range(U):
+            g = dist.new_group([dd * SU + ss * U + uu for ss in range(S)])
+            if dd == d and uu == u:
+                skiparse_group = g
+        for ss in range(S):
+            g = dist.new_group([dd * SU + ss * U + uu for uu in range(U)])
+            if dd == d and ss == s:
+                ulysses_group = g
+    return ParallelState(config, world, rank, dp, d, sp_group, rem, skiparse_group, s, ulysses_group, u, dev)
+
+
+def check_model_parallel(cfg, state: ParallelState, grid: tuple[int, int, int]) -> None:
+    """Raise ``ValueError`` if ``cfg`` at token ``grid`` cannot run under ``state`` (identical on every rank)."""
+    from ospfn.ops import skiparse_layout
+
+    S, U = state.S, state.U
+    P = cfg.sparse_ratio
+    sparse = cfg.skiparse_model_type == "dual_end" and P > 1
+    if S > 1 and sparse and (P * P) % S:
+        raise ValueError(f"skiparse_sp = {S} must divide sparse_ratio^2 = {P * P} (each rank keeps whole Skiparse sub-sequences)")
+    if S > 1 and not sparse:
+        raise ValueError(f"skiparse_sp = {S} needs a Skiparse model (skiparse_model_type='dual_end', sparse_ratio > 1)")
+    T, H, W = grid
+    N = T * H * W
+    W_sp = S * U
+    if N % W_sp:
+        raise ValueError(f"the token grid {grid} ({N} tokens) cannot be split into skiparse_sp * ulysses_sp = {W_sp} equal sequence shards")
+    if sparse:
+        L = skiparse_layout(grid, P).seq
+        if L % U:
+            raise ValueError(f"Skiparse sub-sequences of {L} tokens (grid {grid}, ratio {P}) cannot be split into ulysses_sp = {U} equal shards")
