@@ -3,6 +3,12 @@
 
     python recipes/train.py --config recipes/configs/tiny_flashi2v.yaml
     python recipes/train.py --config recipes/configs/tiny_flashi2v.yaml --resume      # continue exactly
+    torchrun --nproc-per-node 2 recipes/train.py --config recipes/configs/tiny_flashi2v.yaml   # FSDP2 (+ SP)
+
+Under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2 (one unit per block), the config's
+``parallel`` section sets Skiparse / Ulysses sequence parallelism, data is sharded over data-parallel
+replicas (an SP group shares its samples and noise), and checkpoints are torch.distributed.checkpoint
+directories.
 
 Writes ``<out_dir>/ckpt-<step>/`` checkpoints (atomic; model, EMA, optimizer, clip statistics, data position,
 RNG), ``<out_dir>/log.jsonl`` and, when the schedule completes, ``<out_dir>/final/`` -- a pipeline directory
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,6 +86,8 @@ def main(argv=None) -> int:
         out_dir = Path.cwd() / out_dir
     if args.threads:
         torch.set_num_threads(args.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return main_distributed(cfg, args, out_dir)
     dit_cfg, text_cfg, vae, dataset = build(cfg)
 
     from ospfn.model import init_params
@@ -192,6 +201,115 @@ def main(argv=None) -> int:
     if step >= tc.steps:
         final = export_pipeline(cfg, ema.shadow, out_dir / "final", info={"trained_steps": step, "samples_seen": pos})
         print(f"exported the EMA pipeline to {final}", flush=True)
+    return 0
+
+
+def main_distributed(cfg, args, out_dir: Path) -> int:
+    """The same loop on torch.distributed: FSDP2 over all ranks, SP inside each data-parallel replica."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ospfn.dist import ParallelConfig, init_parallel
+    from ospfn.model import init_params
+    from ospfn.model.checkpoint import load_checkpoint
+    from ospfn.model.text import init_tiny_text_params
+    from ospfn.nn import DiT
+    from ospfn.sched import flow_matching_loss
+    from ospfn.train.distributed import ShardedEMA, TextModule, TrainModules, latest_dcp, load_dcp, save_dcp, shard
+    from ospfn.train.optim import AdaptiveGradClip, global_grad_norm, make_adamw, warmup_constant
+    from ospfn.train.sft import export_pipeline, sample_order, step_generator
+
+    try:
+        st = init_parallel(ParallelConfig(skiparse_sp=cfg.parallel.skiparse_sp, ulysses_sp=cfg.parallel.ulysses_sp))
+    except ValueError as e:
+        fail(f"parallel: {e}")
+    rank0 = st.rank == 0
+    tc, oc = cfg.train, cfg.optim
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dit_cfg, text_cfg, vae, dataset = build(cfg)
+    dev = st.device
+    dit = load_checkpoint(cfg.model.checkpoint, dit_cfg, dtype=torch.float32) if cfg.model.checkpoint else init_params(dit_cfg, seed=tc.seed)
+    modules = TrainModules(DiT(dit_cfg, {k: v.to(dev) for k, v in dit.items()}),
+                           TextModule({k: v.to(dev) for k, v in init_tiny_text_params(text_cfg, seed=tc.seed + 1).items()}, text_cfg))  # fmt: skip
+    if not cfg.text.train:
+        modules.text.requires_grad_(False)
+    shard(modules, init_device_mesh(dev.type, (st.world,)))
+    named = dict(sorted(modules.named_parameters()))
+    trainable = [p for p in named.values() if p.requires_grad]
+    opt = make_adamw(trainable, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
+    ema = ShardedEMA(named, oc.ema_decay)
+    clip = AdaptiveGradClip(initial=oc.clip_initial, decay=oc.clip_decay, k=oc.clip_k)
+    step, pos = 0, 0
+    if args.resume is not None:
+        src = latest_dcp(out_dir) if args.resume == "latest" else Path(args.resume)
+        if src is None or not src.exists():
+            fail(f"--resume: no checkpoint found in {out_dir if args.resume == 'latest' else args.resume}")
+        extra = load_dcp(src, modules, opt, ema)
+        if extra.get("config") != json.loads(json.dumps(cfg.to_dict())):
+            fail(f"--resume: the checkpoint {src} was written with a different config")
+        step, pos = int(extra["step"]), int(extra["data_pos"])
+        clip.load_state_dict(extra["clip"])
+        if rank0:
+            print(f"resumed from {src} at step {step}", flush=True)
+    end = tc.steps if args.stop_after is None else min(tc.steps, args.stop_after)
+    is_i2v = dit_cfg.i2v == "flashi2v"
+    gb = st.dp * tc.batch_size  # global batch per micro-step
+    lo = st.dp_rank * tc.batch_size
+
+    def fwd(_params, _cfg, x, t, ctx, **kw):
+        return modules.dit(x, t, ctx, parallel=st, attn_backend=tc.attn_backend, grad_checkpoint=tc.grad_checkpoint, **kw)
+
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    while step < end:
+        t0 = time.perf_counter()
+        total = 0.0
+        for micro in range(tc.grad_accum):
+            idx = sample_order(len(dataset), cfg.data.seed, pos, gb)[lo : lo + tc.batch_size]
+            pos += gb
+            items = [dataset[i] for i in idx]
+            videos = torch.stack([it["video"] for it in items]).to(dev)
+            with torch.no_grad():
+                z0 = vae.encode(videos)
+                s = vae.encode(videos[:, :, :1]) if is_i2v else None
+            both = modules.text([it["caption"] for it in items] + [""])  # one call per step (one FSDP unit pass)
+            ctx, empty = both[:-1], both[-1:]
+            loss = flow_matching_loss(
+                None, dit_cfg, z0, ctx, generator=step_generator(tc.seed, step, micro), empty_context=empty,
+                text_drop=tc.text_drop, cond_image_latent=s, ratio_range=tc.ratio_range, shift=tc.shift,
+                logit_normal=tc.logit_normal, forward_fn=fwd, global_batch=gb, batch_offset=lo,
+            )  # fmt: skip
+            # FSDP averages gradients over all ranks: x SP size = mean over replicas, sum over SP shards
+            (loss * st.sp_size / tc.grad_accum).backward()
+            total += float(loss.detach()) / tc.grad_accum
+        grads = [p.grad for p in trainable if p.grad is not None]
+        gnorm, thr = clip(grads) if oc.adaptive_clip else (global_grad_norm(grads), oc.clip_initial)
+        lr = warmup_constant(step, base_lr=oc.lr, warmup_steps=oc.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(named)
+        step += 1
+        loss_t = torch.tensor([total], device=dev)
+        dist.all_reduce(loss_t)
+        mean_loss = float(loss_t) / st.world
+        if rank0 and (step % tc.log_every == 0 or step == end):
+            rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": gnorm, "clip_threshold": thr,
+                   "step_time": time.perf_counter() - t0, "samples": pos, "world": st.world}  # fmt: skip
+            print(json.dumps(rec), flush=True)
+            with open(out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if step % tc.ckpt_every == 0 or step == end:
+            save_dcp(out_dir, step, modules, opt, ema, {"step": step, "data_pos": pos, "clip": clip.state_dict(), "config": cfg.to_dict()}, keep=tc.keep)
+    if step >= tc.steps:
+        full = ema.full()
+        if rank0:
+            weights = {("text." + k[len("text.tree."):] if k.startswith("text.tree.") else k): v for k, v in full.items()}
+            final = export_pipeline(cfg, weights, out_dir / "final", info={"trained_steps": step, "samples_seen": pos, "world": st.world})
+            print(f"exported the EMA pipeline to {final}", flush=True)
+    dist.barrier()
     return 0
 
 

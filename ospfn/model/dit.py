@@ -264,6 +264,7 @@ def forward(
     block_hook: Optional[Callable[[int, str, torch.Tensor], None]] = None,
     block_fn: Optional[Callable] = None,
     parallel=None,
+    shift_cond: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Predicted velocity, fp32 [B, out_dim, T, H, W].
 
@@ -275,6 +276,9 @@ def forward(
     ``amax_group`` is passed to HiF8 linears; ``block_hook(i, layout, x)`` sees the stream after each block.
     ``block_fn(i, x, *block_args)`` replaces the block call (the ``ospfn.nn`` module shells route blocks
     through their submodules this way, for FSDP2 / activation checkpointing wrappers).
+    ``shift_cond`` (FlashI2V): subtract ``flashi2v_shift(params, cfg, shift_cond)`` from x first, so phi is
+    evaluated inside the call (needed where parameters are only materialised during a module's forward,
+    e.g. under FSDP2); ``x - flashi2v_shift(...)`` passed directly is the same computation.
     ``parallel`` (``ospfn.dist.ParallelState``) runs the model sequence-parallel over the state's SP group:
     every rank gets the same inputs and returns the full output; Skiparse blocks keep whole sub-sequences
     per rank (one all-to-all per layout change), full blocks use Ulysses.  Gradients of the (replicated)
@@ -288,6 +292,8 @@ def forward(
     pt, ph, pw = cfg.patch_size
     grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
     wdtype = params["patch_embedding.weight"].dtype
+    if shift_cond is not None:
+        x = x - flashi2v_shift(params, cfg, shift_cond)
 
     # patchify (+ FlashI2V Fourier embedding, identical on every frame: computed once, broadcast over T)
     h = F.conv3d(x.to(wdtype), params["patch_embedding.weight"], params["patch_embedding.bias"], stride=cfg.patch_size)
@@ -341,6 +347,10 @@ def forward(
 
 
 def _run_block(x_tok, args, i, block_fn, grad_checkpoint):
+    if block_fn is not None:
+        # a module block uses its own parameters: do not hand it the model's dict (under FSDP2 that dict
+        # holds other units' sharded parameters, which must not become inputs of this unit)
+        args = args[:2] + (None,) + args[3:]
     run = _block if block_fn is None else (lambda x_, *a, _i=i: block_fn(_i, x_, *a))
     if grad_checkpoint and torch.is_grad_enabled():
         return checkpoint(run, x_tok, *args, use_reentrant=False)

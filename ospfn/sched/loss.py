@@ -26,6 +26,8 @@ def flow_matching_loss(
     logit_normal: bool = True,
     forward_fn: Optional[Callable] = None,
     return_parts: bool = False,
+    global_batch: Optional[int] = None,
+    batch_offset: int = 0,
     **forward_kwargs,
 ):
     """Mean MSE between the predicted velocity and v = eps - z0.
@@ -36,20 +38,29 @@ def flow_matching_loss(
     ``shift`` ("dynamic" = from the latent size, a number = fixed, None = none).  Text is replaced by
     ``empty_context`` (the empty prompt's encoding, not zeros) with probability ``text_drop``; the image is
     never dropped.  All randomness comes from ``generator`` (CPU), so a run is reproducible.
+
+    Data parallel: with ``global_batch`` = the batch over all ranks and ``batch_offset`` = this rank's first
+    sample, the randomness is drawn for the whole global batch and sliced, so N ranks compute exactly the
+    per-sample terms one process computes for the concatenated batch.  phi(s) is evaluated inside the
+    model call (``forward(..., shift_cond=s)``), which keeps it under an FSDP module's forward.
     """
     from ospfn.model import flashi2v_shift, forward, fourier_features
 
     fwd = forward_fn or forward
     B = z0.shape[0]
+    GB = B if global_batch is None else int(global_batch)
+    if not 0 <= batch_offset <= GB - B:
+        raise ValueError(f"flow_matching_loss: batch_offset {batch_offset} + batch {B} exceeds global_batch {GB}")
+    sl = slice(batch_offset, batch_offset + B)
     dev = z0.device
     z0 = z0.float()
     if shift == "dynamic":
         s_val = dynamic_shift(z0.shape[-2:], cfg.patch_size[1:])
     else:
         s_val = shift
-    sigma = training_sigmas(B, generator=generator, logit_normal=logit_normal, shift=s_val, device=dev)
-    eps = torch.randn(z0.shape, generator=generator, dtype=torch.float32).to(dev)
-    drop = torch.rand(B, generator=generator) < text_drop
+    sigma = training_sigmas(GB, generator=generator, logit_normal=logit_normal, shift=s_val)[sl].to(dev)
+    eps = torch.randn((GB, *z0.shape[1:]), generator=generator, dtype=torch.float32)[sl].to(dev)
+    drop = (torch.rand(GB, generator=generator) < text_drop)[sl]
     if drop.any():
         if empty_context is None:
             raise ValueError("flow_matching_loss: text_drop > 0 needs empty_context (the encoding of the empty prompt)")
@@ -66,11 +77,14 @@ def flow_matching_loss(
         if cond_image_latent is None:
             raise ValueError("flow_matching_loss: a FlashI2V model needs cond_image_latent (the first-frame latent)")
         lo, hi = ratio_range
-        rho = (lo + (hi - lo) * torch.rand(B, generator=generator, dtype=torch.float32)).to(dev)
-        x_t = x_t - flashi2v_shift(params, cfg, cond_image_latent)  # phi is trained through the input only
+        rho = (lo + (hi - lo) * torch.rand(GB, generator=generator, dtype=torch.float32))[sl].to(dev)
         feats = fourier_features(cond_image_latent, rho)
+        forward_kwargs["shift_cond"] = cond_image_latent  # x_t - phi(s): phi trained through the input only
     v_pred = fwd(params, cfg, x_t, 1000.0 * sigma, context, fourier_feats=feats, **forward_kwargs)
     loss = (v_pred.float() - target).pow(2).mean()
     if return_parts:
+        if cfg.i2v == "flashi2v":
+            with torch.no_grad():
+                x_t = x_t - flashi2v_shift(params, cfg, cond_image_latent)
         return loss, {"sigma": sigma, "eps": eps, "x_t": x_t, "target": target, "rho": rho, "drop": drop, "v_pred": v_pred}
     return loss

@@ -19,6 +19,16 @@ def make_adamw(params: Iterable[torch.Tensor], *, lr: float, weight_decay: float
     return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, foreach=True)
 
 
+def global_grad_norm(grads: list[torch.Tensor]) -> float:
+    """L2 norm over all gradients (the full norm for sharded DTensor gradients)."""
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    return float(total)
+
+
 def warmup_constant(step: int, *, base_lr: float, warmup_steps: int = 0) -> float:
     """Linear warm-up to ``base_lr`` over ``warmup_steps``, then constant (the released recipes' schedule)."""
     if warmup_steps <= 0:
@@ -68,11 +78,12 @@ class AdaptiveGradClip:
 
     @torch.no_grad()
     def __call__(self, grads: list[torch.Tensor]) -> tuple[float, float]:
-        """Clip in place; returns (norm before clipping, threshold used)."""
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+        """Clip in place; returns (norm before clipping, threshold used).  FSDP2 (DTensor) gradients are
+        handled: the norm is the global one, the scaling applies to each rank's shard."""
+        norm = global_grad_norm(grads)
         thr = self.threshold()
         if norm > thr and norm > 0:
-            torch._foreach_mul_(grads, thr / norm)
+            torch._foreach_mul_([g.to_local() if hasattr(g, "to_local") else g for g in grads], thr / norm)
         used = min(norm, thr)
         if self.mean is None:
             self.mean, self.var = used, 0.0

@@ -94,6 +94,14 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class ParallelSection:
+    """Sequence parallelism under torchrun (data parallel = world / (skiparse_sp * ulysses_sp))."""
+
+    skiparse_sp: int = 1
+    ulysses_sp: int = 1
+
+
+@dataclass(frozen=True)
 class SampleSection:
     """Defaults written into the exported pipeline."""
 
@@ -114,6 +122,7 @@ class SFTConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
