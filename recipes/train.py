@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     from ospfn.model.checkpoint import load_checkpoint
     from ospfn.model.text import init_tiny_text_params, tiny_text_forward
     from ospfn.sched import flow_matching_loss
-    from ospfn.train.optim import EMA, AdaptiveGradClip, make_adamw, warmup_constant
-    from ospfn.train.sft import export_pipeline, join_params, sample_order, split_params, step_generator
+    from ospfn.train.optim import EMA, AdaptiveGradClip, make_adamw, set_lr, warmup_constant
+    from ospfn.train.sft import export_pipeline, join_params, param_groups, sample_order, split_params, step_generator
     from ospfn.train.state import latest_checkpoint, load_train_state, save_train_state
 
     tc, oc = cfg.train, cfg.optim
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     for k, v in params.items():
         v.requires_grad_(k.startswith("dit.") or cfg.text.train)
     trainable = [v for v in params.values() if v.requires_grad]
-    opt = make_adamw(trainable, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
+    opt = make_adamw(param_groups(params, oc.branch_lr_mult), lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
     ema = EMA(params, oc.ema_decay)
     clip = AdaptiveGradClip(initial=oc.clip_initial, decay=oc.clip_decay, k=oc.clip_k)
     step, pos = 0, 0
@@ -179,8 +179,7 @@ def main(argv=None) -> int:
         else:
             gnorm, thr = float(torch.nn.utils.clip_grad_norm_(trainable, oc.clip_initial)), oc.clip_initial
         lr = warmup_constant(step, base_lr=oc.lr, warmup_steps=oc.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(params)
@@ -216,8 +215,8 @@ def main_distributed(cfg, args, out_dir: Path) -> int:
     from ospfn.nn import DiT
     from ospfn.sched import flow_matching_loss
     from ospfn.train.distributed import ShardedEMA, TextModule, TrainModules, latest_dcp, load_dcp, save_dcp, shard
-    from ospfn.train.optim import AdaptiveGradClip, global_grad_norm, make_adamw, warmup_constant
-    from ospfn.train.sft import export_pipeline, sample_order, step_generator
+    from ospfn.train.optim import AdaptiveGradClip, global_grad_norm, make_adamw, set_lr, warmup_constant
+    from ospfn.train.sft import export_pipeline, param_groups, sample_order, step_generator
 
     try:
         st = init_parallel(ParallelConfig(skiparse_sp=cfg.parallel.skiparse_sp, ulysses_sp=cfg.parallel.ulysses_sp))
@@ -237,7 +236,7 @@ def main_distributed(cfg, args, out_dir: Path) -> int:
     shard(modules, init_device_mesh(dev.type, (st.world,)))
     named = dict(sorted(modules.named_parameters()))
     trainable = [p for p in named.values() if p.requires_grad]
-    opt = make_adamw(trainable, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
+    opt = make_adamw(param_groups(named, oc.branch_lr_mult), lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
     ema = ShardedEMA(named, oc.ema_decay)
     clip = AdaptiveGradClip(initial=oc.clip_initial, decay=oc.clip_decay, k=oc.clip_k)
     step, pos = 0, 0
@@ -286,8 +285,7 @@ def main_distributed(cfg, args, out_dir: Path) -> int:
         grads = [p.grad for p in trainable if p.grad is not None]
         gnorm, thr = clip(grads) if oc.adaptive_clip else (global_grad_norm(grads), oc.clip_initial)
         lr = warmup_constant(step, base_lr=oc.lr, warmup_steps=oc.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(named)

@@ -178,3 +178,20 @@ def test_loss_trains_phi_through_the_input_and_drops_text():
     assert torch.equal(a.detach(), loss.detach())  # same generator -> same loss
     with pytest.raises(ValueError, match="needs empty_context"):
         flow_matching_loss(params, cfg, z0, ctx, generator=torch.Generator().manual_seed(0), text_drop=1.0, cond_image_latent=s)
+
+
+def test_data_parallel_slices_equal_the_global_batch():
+    """Two ranks with global_batch / batch_offset compute exactly the per-sample terms of one big batch."""
+    cfg, params = _tiny_i2v()
+    g = torch.Generator().manual_seed(10)
+    z0, s = torch.randn(4, 16, 2, 8, 8, generator=g), torch.randn(4, 16, 1, 8, 8, generator=g)
+    ctx, empty = torch.randn(4, 16, 32, generator=g), torch.zeros(1, 3, 32)
+    kw = dict(empty_context=empty, text_drop=0.5, return_parts=True)
+    whole, pw = flow_matching_loss(params, cfg, z0, ctx, generator=torch.Generator().manual_seed(11), cond_image_latent=s, **kw)
+    halves = [flow_matching_loss(params, cfg, z0[o : o + 2], ctx[o : o + 2], generator=torch.Generator().manual_seed(11),
+                                 cond_image_latent=s[o : o + 2], global_batch=4, batch_offset=o, **kw) for o in (0, 2)]  # fmt: skip
+    for key in ("sigma", "eps", "rho", "drop"):
+        assert torch.equal(torch.cat([h[1][key] for h in halves]), pw[key]), key
+    torch.testing.assert_close((halves[0][0] + halves[1][0]) / 2, whole)
+    with pytest.raises(ValueError, match="exceeds global_batch"):
+        flow_matching_loss(params, cfg, z0, ctx, generator=torch.Generator().manual_seed(0), cond_image_latent=s, global_batch=4, batch_offset=1, empty_context=empty)

@@ -14,9 +14,16 @@ import torch
 __all__ = ["make_adamw", "EMA", "AdaptiveGradClip", "warmup_constant"]
 
 
-def make_adamw(params: Iterable[torch.Tensor], *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-15):
-    """AdamW as OSP-Next trains (eps 1e-15); ``foreach`` kernels, deterministic on CPU."""
+def make_adamw(params: Iterable, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-15):
+    """AdamW as OSP-Next trains (eps 1e-15); ``foreach`` kernels, deterministic on CPU.  ``params`` may be
+    tensors or param-group dicts (an ``lr_mult`` key scales the group's lr, see ``set_lr``)."""
     return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, foreach=True)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr * group.get("lr_mult", 1)``."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> float:

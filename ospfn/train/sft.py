@@ -58,6 +58,7 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-15
     warmup_steps: int = 0
+    branch_lr_mult: float = 1.0  # lr multiplier of the zero-initialised FlashI2V branches (phi, Fourier embedding)
     ema_decay: float = 0.999
     adaptive_clip: bool = True
     clip_initial: float = 1.0
@@ -145,6 +146,20 @@ def sample_order(num_samples: int, seed: int, start: int, count: int) -> list[in
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """The CPU generator for the noise, sigmas, Fourier ratios and text dropout of one micro-step."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
+
+
+BRANCH_PREFIXES = ("learnable_proj.", "fourier_embedding.")
+
+
+def param_groups(named: dict[str, torch.Tensor], branch_lr_mult: float) -> list[dict]:
+    """Optimizer groups: the FlashI2V branches (zero-initialised, they must grow from nothing) may learn
+    faster than the pretrained-or-fresh backbone; every group carries its ``lr_mult``."""
+    branch = [v for k, v in named.items() if v.requires_grad and k.split(".", 1)[-1].startswith(BRANCH_PREFIXES)]
+    rest = [v for k, v in named.items() if v.requires_grad and not k.split(".", 1)[-1].startswith(BRANCH_PREFIXES)]
+    groups = [{"params": rest, "lr_mult": 1.0}]
+    if branch:
+        groups.append({"params": branch, "lr_mult": float(branch_lr_mult)})
+    return groups
 
 
 def split_params(params: dict[str, torch.Tensor]) -> tuple[dict, dict]:
