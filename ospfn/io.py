@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ospfn._fs import atomic_path
 
 __all__ = ["read_image", "write_mp4", "write_strip_png", "to_uint8"]
 
@@ -36,16 +36,6 @@ def _upscale(frames: torch.Tensor, scale: int) -> torch.Tensor:
     return frames.repeat_interleave(scale, -2).repeat_interleave(scale, -1) if scale > 1 else frames
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-    return tmp
-
-
 def write_mp4(path, video: torch.Tensor, *, fps: int = 8, scale: int = 1) -> Path:
     """Write [3, F, H, W] in [-1, 1] as H.264 mp4 (nearest-neighbour upscaled by ``scale``), atomically."""
     import av
@@ -58,8 +48,7 @@ def write_mp4(path, video: torch.Tensor, *, fps: int = 8, scale: int = 1) -> Pat
     pad_h, pad_w = H % 2, W % 2  # yuv420p needs even sizes
     if pad_h or pad_w:
         frames = torch.nn.functional.pad(frames.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), mode="replicate").permute(0, 2, 3, 1)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:
         with av.open(tmp, mode="w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=fps)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -70,11 +59,6 @@ def write_mp4(path, video: torch.Tensor, *, fps: int = 8, scale: int = 1) -> Pat
                     out.mux(pkt)
             for pkt in stream.encode():
                 out.mux(pkt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -86,12 +70,6 @@ def write_strip_png(path, video: torch.Tensor, *, scale: int = 1) -> Path:
     frames = to_uint8(video)  # [3, F, H, W]
     strip = torch.cat(list(frames.unbind(1)), dim=-1)  # [3, H, F*W]
     strip = _upscale(strip, scale).permute(1, 2, 0).contiguous()
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(strip.numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

@@ -17,14 +17,13 @@ The bundled tiny FlashI2V model (``ospfn/assets/tiny_flashi2v``) is one; ``recip
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ospfn._fs import atomic_path, write_text_atomic
 from ospfn.model.checkpoint import load_checkpoint, save_checkpoint
 from ospfn.model.config import DiTConfig
 from ospfn.model.text import TinyTextConfig, TinyTextEncoder
@@ -144,14 +143,10 @@ def save_pipeline(path, *, cfg: DiTConfig, params: dict, text_params: dict, text
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_checkpoint(params, path / "diffusion_pytorch_model.safetensors")
-    tmp = path / f".text_encoder.{os.getpid()}.tmp"
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in text_params.items()}, tmp)
-    os.replace(tmp, path / "text_encoder.safetensors")
+    with atomic_path(path / "text_encoder.safetensors") as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in text_params.items()}, tmp)
     meta = {"text_encoder": {"kind": "tiny", **{k: getattr(text_cfg, k) for k in ("text_dim", "text_len", "vocab", "heads")}},
             "vae": vae, "defaults": {**DEFAULTS, **(defaults or {})}, "info": info or {}}  # fmt: skip
     for name, obj in (("config.json", cfg.to_dict()), ("pipeline.json", meta)):
-        fd, t = tempfile.mkstemp(dir=path, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(t, path / name)
+        write_text_atomic(path / name, json.dumps(obj, indent=2) + "\n")
     return path

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     from ospfn.model.text import init_tiny_text_params, tiny_text_forward
     from ospfn.sched import flow_matching_loss
     from ospfn.train.optim import EMA, AdaptiveGradClip, make_adamw, set_lr, warmup_constant
-    from ospfn.train.sft import export_pipeline, join_params, param_groups, sample_order, split_params, step_generator
+    from ospfn.train.sft import export_pipeline, join_params, param_groups, resume_conflicts, sample_order, split_params, step_generator
     from ospfn.train.state import latest_checkpoint, load_train_state, save_train_state
 
     tc, oc = cfg.train, cfg.optim
@@ -105,8 +105,9 @@ def main(argv=None) -> int:
         if latest_checkpoint(src) is None and not (src / "state.pt").exists():
             fail(f"--resume: no checkpoint found in {src}")
         resume = load_train_state(src)
-        if resume["state"].get("config") != cfg.to_dict():
-            fail(f"--resume: the checkpoint {resume['path']} was written with a different config")
+        conflicts = resume_conflicts(resume["state"].get("config") or {}, cfg.to_dict())
+        if conflicts:
+            fail(f"--resume: the checkpoint {resume['path']} was written with different values of {', '.join(conflicts)}")
         params = {k: v.clone() for k, v in resume["params"].items()}
     else:
         dit = load_checkpoint(cfg.model.checkpoint, dit_cfg, dtype=torch.float32) if cfg.model.checkpoint else init_params(dit_cfg, seed=tc.seed)
@@ -216,7 +217,7 @@ def main_distributed(cfg, args, out_dir: Path) -> int:
     from ospfn.sched import flow_matching_loss
     from ospfn.train.distributed import ShardedEMA, TextModule, TrainModules, latest_dcp, load_dcp, save_dcp, shard
     from ospfn.train.optim import AdaptiveGradClip, global_grad_norm, make_adamw, set_lr, warmup_constant
-    from ospfn.train.sft import export_pipeline, param_groups, sample_order, step_generator
+    from ospfn.train.sft import export_pipeline, param_groups, resume_conflicts, sample_order, step_generator
 
     try:
         st = init_parallel(ParallelConfig(skiparse_sp=cfg.parallel.skiparse_sp, ulysses_sp=cfg.parallel.ulysses_sp))
@@ -245,8 +246,9 @@ def main_distributed(cfg, args, out_dir: Path) -> int:
         if src is None or not src.exists():
             fail(f"--resume: no checkpoint found in {out_dir if args.resume == 'latest' else args.resume}")
         extra = load_dcp(src, modules, opt, ema)
-        if extra.get("config") != json.loads(json.dumps(cfg.to_dict())):
-            fail(f"--resume: the checkpoint {src} was written with a different config")
+        conflicts = resume_conflicts(extra.get("config") or {}, cfg.to_dict())
+        if conflicts:
+            fail(f"--resume: the checkpoint {src} was written with different values of {', '.join(conflicts)}")
         step, pos = int(extra["step"]), int(extra["data_pos"])
         clip.load_state_dict(extra["clip"])
         if rank0:

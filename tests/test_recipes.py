@@ -71,6 +71,24 @@ def test_resume_is_exact(tmp_path):
     assert (straight / "final" / "pipeline.json").exists() and first
 
 
+def test_resume_may_extend_steps_but_not_change_training(tmp_path, capsys):
+    train = load_recipe("train")
+    straight, short = tmp_path / "straight", tmp_path / "short"
+    assert train.main(["--config", str(write_cfg(tmp_path, straight)), "--no-progress"]) == 0
+    assert train.main(["--config", str(write_cfg(tmp_path, short, **{"train.steps": 2})), "--no-progress"]) == 0
+    changed = write_cfg(tmp_path, short, **{"optim.lr": 2.0e-3, "data.seed": 1})
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", str(changed), "--no-progress", "--resume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.seed, optim.lr" in err and "train.steps" not in err
+    longer = write_cfg(tmp_path, short, **{"train.steps": 4, "train.log_every": 2, "sample.steps": 5})
+    assert train.main(["--config", str(longer), "--no-progress", "--resume"]) == 0
+    ta = load_file(straight / "ckpt-00000004" / "model.safetensors")
+    tb = load_file(short / "ckpt-00000004" / "model.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_exported_pipeline_samples_deterministically(tmp_path):
     train = load_recipe("train")
     out = tmp_path / "run"

@@ -19,7 +19,6 @@ checkpoint needs ~28 GB, not 56.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import tempfile
@@ -28,6 +27,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from ospfn._fs import atomic_path, write_text_atomic
 from ospfn.model.config import DiTConfig
 from ospfn.model.params import param_shapes
 
@@ -320,16 +320,8 @@ def cfg_name(cfg: DiTConfig) -> str:
 def _atomic_save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(
@@ -372,14 +364,9 @@ def save_checkpoint(
             _atomic_save_safetensors(shard, path / name, {"format": "pt"})
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in sd.values())
-        _atomic_write_text(path / f"{stem}.safetensors.index.json", json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        write_text_atomic(path / f"{stem}.safetensors.index.json", json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if cfg is not None:
-        _atomic_write_text(path / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        write_text_atomic(path / "config.json", json.dumps(cfg.to_dict(), indent=2))
     return path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 
 import torch
 
-__all__ = ["SFTConfig", "sample_order", "step_generator", "split_params", "join_params"]
+__all__ = ["SFTConfig", "resume_conflicts", "sample_order", "step_generator", "split_params", "join_params"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,29 @@ class SFTConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Config keys a resumed run may change: they do not alter the trajectory of the steps already taken
+# (the learning rate is constant after warm-up, so extending ``train.steps`` continues the same run).
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep", "sample.")
+
+
+def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted config keys whose values differ between a checkpoint's config and the current one (and would
+    change the training trajectory); empty when ``--resume`` may continue."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = prefix + key
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += resume_conflicts(a, b, name + ".")
+        elif _plain(a) != _plain(b) and not any(name == k or (k.endswith(".") and name.startswith(k)) for k in RESUME_MAY_CHANGE):
+            out.append(name)
+    return out
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def sample_order(num_samples: int, seed: int, start: int, count: int) -> list[int]:

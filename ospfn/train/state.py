@@ -17,16 +17,11 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ospfn._fs import write_text_atomic
+
 __all__ = ["save_train_state", "load_train_state", "latest_checkpoint"]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_train_state(
@@ -60,7 +55,7 @@ def save_train_state(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(out_dir / "latest", final.name + "\n")
+    write_text_atomic(out_dir / "latest", final.name + "\n")
     ckpts = sorted(p for p in out_dir.glob("ckpt-*") if p.is_dir())
     for old in ckpts[: max(0, len(ckpts) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
