@@ -2,7 +2,7 @@
 
 One training step (forward + backward) of a dual_end model (dim 128, 8 layers, 4 full blocks, grid 4x16x16 =
 1024 tokens, batch 1) on W processes: ``ssp`` = (U, S) = (1, W), ``ulysses`` = (W, 1).  ``extra_info``:
-wall time per step, bytes and calls of ospfn's collectives per step (this rank's view, sparse blocks and
+wall time per step (the fastest of 3 alternating runs of each setup), bytes and calls of ospfn's collectives per step (this rank's view, sparse blocks and
 all blocks), and the SSP / Ulysses ratios measured in the same run.  Absolute times hold for this machine
 only (W processes share its cores).
 
@@ -21,6 +21,7 @@ from dist_harness import run_ranks  # noqa: E402
 
 GRID = (4, 16, 16)
 STEPS = 3
+ROUNDS = 3
 
 
 def _step_ranks(rank, world, U, S):
@@ -57,15 +58,20 @@ def _step_ranks(rank, world, U, S):
 def test_ssp_vs_ulysses(benchmark, world):
     res = {}
 
-    def run():
-        res["ssp"] = run_ranks(_step_ranks, world, 1, world, timeout=600)[0]
-        res["ulysses"] = run_ranks(_step_ranks, world, world, 1, timeout=600)[0]
+    def run():  # alternate the two setups; keep each one's fastest run (the 2 cores are shared by all ranks)
+        for _ in range(ROUNDS):
+            for name, (U, S) in (("ssp", (1, world)), ("ulysses", (world, 1))):
+                r = run_ranks(_step_ranks, world, U, S, timeout=600)[0]
+                if name not in res or r["step_s"] < res[name]["step_s"]:
+                    res[name] = r
 
     benchmark.group = f"SSP vs Ulysses, {world} gloo ranks"
     benchmark.pedantic(run, rounds=1, iterations=1)
     s, u = res["ssp"], res["ulysses"]
+    from conftest import cpu_name  # bench/conftest.py; imported here, not at module level, since spawned ranks import this module
+
     benchmark.extra_info.update(
-        world=world,
+        device=f"{cpu_name()}, {world} gloo processes", world=world,
         ssp_step_s=s["step_s"], ulysses_step_s=u["step_s"], time_ratio=s["step_s"] / u["step_s"],
         ssp_sparse_calls=s["sparse_calls"], ulysses_sparse_calls=u["sparse_calls"],
         sparse_calls_ratio=s["sparse_calls"] / u["sparse_calls"],
