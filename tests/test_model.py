@@ -229,10 +229,10 @@ def test_hif8_mode_quantises_exactly_the_block_linears(quant_attn, monkeypatch):
         if sched[i] == "full" or lin in ("cross_attn.k", "cross_attn.v"):  # text tokens have no padding
             continue
         m = masks[sched[i]]
-        assert a.shape[:2] == m.shape and not (~m).all()
+        assert a.shape[:2] == m.shape and (~m).any()  # this grid is padded, so the check is not vacuous
         assert torch.equal(a[~m], torch.zeros_like(a[~m])), name
         checked += 1
-    assert checked == sched.count("token") * 8 + sched.count("group") * 8
+    assert checked == (len(sched) - sched.count("full")) * (len(BLOCK_LINEARS) - 2)
     # q, k, v at attention: fixed points of Q15 iff quant_attn (so this check can fail)
     assert len(attn_in) == cfg.num_layers
     on_grid = [all(torch.equal(q15(z), z) for z in qkv) for qkv in attn_in]
