@@ -2,9 +2,9 @@
 
 One training step (forward + backward) of a dual_end model (dim 128, 8 layers, 4 full blocks, grid 4x16x16 =
 1024 tokens, batch 1) on W processes: ``ssp`` = (U, S) = (1, W), ``ulysses`` = (W, 1).  ``extra_info``:
-wall time per step (the fastest of 3 alternating runs of each setup), bytes and calls of ospfn's collectives per step (this rank's view, sparse blocks and
-all blocks), and the SSP / Ulysses ratios measured in the same run.  Absolute times hold for this machine
-only (W processes share its cores).
+wall time per step (the fastest of 3 alternating runs of each setup), bytes and calls of ospfn's collectives
+per step (this rank's view, sparse blocks and all blocks), and the SSP / Ulysses ratios measured in the same
+run.  Absolute times hold for this machine only (W processes share its cores).
 
     python -m pytest bench/bench_dist.py --benchmark-json=bench/results/dist-cpu.json
 """
@@ -68,7 +68,7 @@ def test_ssp_vs_ulysses(benchmark, world):
     benchmark.group = f"SSP vs Ulysses, {world} gloo ranks"
     benchmark.pedantic(run, rounds=1, iterations=1)
     s, u = res["ssp"], res["ulysses"]
-    from conftest import cpu_name  # bench/conftest.py; imported here, not at module level, since spawned ranks import this module
+    from conftest import cpu_name  # bench/conftest.py: not at module level, the spawned ranks import this module
 
     benchmark.extra_info.update(
         device=f"{cpu_name()}, {world} gloo processes", world=world,

@@ -196,7 +196,7 @@ def test_hif8_mode_quantises_exactly_the_block_linears(quant_attn, monkeypatch):
     cfg = M.DiTConfig.preset("tiny", quant="hif8", quant_attn=quant_attn)
     params = perturbed(M.init_params(cfg))
     x, t, ctx = inputs(cfg)  # token grid 2 x 5 x 7: Skiparse pads it
-    grid, B = (2, 5, 7), x.shape[0]
+    B, grid = x.shape[0], (x.shape[2], x.shape[3] // cfg.patch_size[1], x.shape[4] // cfg.patch_size[2])
     names = {v.data_ptr(): k for k, v in params.items()}
     calls, attn_in = [], []
     real_linear, real_attention = ospfn.ops.hif8_linear, dit.attention
@@ -239,6 +239,12 @@ def test_hif8_mode_quantises_exactly_the_block_linears(quant_attn, monkeypatch):
     assert all(on_grid) if quant_attn else not any(on_grid)
     plain = M.forward(params, cfg.replace(quant=None, quant_attn=None), x, t, ctx)
     assert float((out - plain).norm() / plain.norm()) > 1e-2  # the quantisation is really there
+    if quant_attn is None:
+        # end to end against the independent masked-dense reference, with the same attention arithmetic (the
+        # reference's; SDPA's other summation order moves values across rounding midpoints); with quant_attn the
+        # reference's float64 RoPE does that too, so there the call-by-call checks above are the test
+        want = ref(params, cfg, x, t, ctx, block_linear=lambda a, w, b: torch.nn.functional.linear(q15(a), q15(w), b))
+        torch.testing.assert_close(M.forward(params, cfg, x, t, ctx, attn_backend="ref"), want, rtol=1e-4, atol=1e-5)
 
 
 def test_hif8_mode_gradients_flow():
