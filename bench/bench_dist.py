@@ -26,7 +26,7 @@ ROUNDS = 3
 
 def _step_ranks(rank, world, U, S):
     import ospfn.model as M
-    from ospfn.dist import ParallelConfig, comm_stats, init_parallel
+    from ospfn.parallel import ParallelConfig, comm_stats, init_parallel
 
     st = init_parallel(ParallelConfig(skiparse_sp=S, ulysses_sp=U))
     cfg = M.DiTConfig.preset("tiny", dim=128, num_heads=4, ffn_dim=256, num_layers=8, num_full_blocks=4, text_dim=32, freq_dim=32)

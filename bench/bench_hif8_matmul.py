@@ -1,4 +1,4 @@
-"""HiF8 W8A16 matmul (``ospfn.ops.hif8_gemm.hif8_matmul``) against dense matmuls, K = N = 5120.
+"""HiF8 W8A16 matmul (``ospfn.ops.hif8_matmul.hif8_matmul``) against dense matmuls, K = N = 5120.
 
 ``y = x @ W_q^T`` with W stored as 1-byte HiF8 codes + a per-channel fp32 scale, against the same product with
 a dense weight in the same run:
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from conftest import backend_device, device_name, median_time, peak_bandwidth_gbps, sync
 
-from ospfn.ops.hif8_gemm import hif8_matmul, hif8_pack
+from ospfn.ops.hif8_matmul import hif8_matmul, hif8_pack
 
 K = N = 5120
 
@@ -52,7 +52,7 @@ def _case(impl: str, M: int, device: torch.device):
         "hif8_cpp": ("cpp", torch.float32),
         "hif8_triton": ("triton", torch.bfloat16),
     }[impl]
-    p = hif8_pack(w, granularity="channel")
+    p = hif8_pack(w, granularity="row")
     x = _x(M, device, dtype)
     return (lambda: hif8_matmul(x, p, backend=backend)), p.nbytes, x.element_size()
 

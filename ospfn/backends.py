@@ -20,8 +20,15 @@ Every public op takes ``backend: str | None = None``:
     backend that is unavailable is skipped with one log line per process (logger ``"ospfn"``).
 
 ``OSPFN_BACKEND=<name>`` makes ``<name>`` the default for the whole process: ops that implement it for the
-tensor's device use it, others fall back to auto.  Naming a backend this machine cannot run, in the argument
-or in the variable, raises ``RuntimeError`` saying why.
+tensor's device (within its constraints) use it, others fall back to auto.  The variable is read once, at
+import and by ``refresh()`` (not per call); ``set_default(name)`` changes the default at run time.  Naming a
+backend this machine cannot run, in the argument or in the variable, raises ``RuntimeError`` saying why.
+
+Each implementation is registered with the devices it runs on and its constraints (``Constraint``: e.g. the
+Triton attention kernel needs head dim <= 128).  Auto dispatch skips an implementation whose constraint fails
+for the call's arguments, with one log line per process; an explicit ``backend=`` request raises a
+``ValueError`` naming the constraint and the offending value.  Arguments are validated once, by the public
+op, before dispatch; implementations do not re-validate.
 
 ``available()`` lists the backends this machine can run; ``info(name)`` says why one is not.
 """
@@ -34,7 +41,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -42,6 +49,7 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "BackendInfo",
+    "Constraint",
     "available",
     "info",
     "implementations",
@@ -49,8 +57,12 @@ __all__ = [
     "register",
     "set_auto_order",
     "select",
+    "dispatch",
+    "constraints",
     "resolve",
     "refresh",
+    "set_default",
+    "default",
 ]
 
 BACKENDS = ("ref", "cpp", "triton", "npu", "torch")
@@ -131,20 +143,62 @@ def available() -> list[str]:
 
 
 def refresh() -> None:
-    """Forget cached probes and fallback notices (after changing TRITON_INTERPRET, building _C, ...)."""
+    """Forget cached probes, plans and fallback notices and re-read ``OSPFN_BACKEND`` (after changing
+    TRITON_INTERPRET or the variable, building _C, ...)."""
     info.cache_clear()
     _warned.clear()
     _lazy_cache.clear()
+    _plans.clear()
+    _default[0] = _read_env()
+
+
+def _read_env() -> str | None:
+    env = os.environ.get(ENV_VAR, "").strip()
+    return None if env in ("", "auto") else env
+
+
+def set_default(name: str | None) -> None:
+    """Make ``name`` the process-wide default backend (``None`` or ``"auto"``: auto dispatch), like
+    ``OSPFN_BACKEND``; validated on the next op call."""
+    _default[0] = None if name in (None, "auto") else name
+    _plans.clear()
+
+
+def default() -> str | None:
+    """The process-wide default backend (from ``OSPFN_BACKEND`` or ``set_default``), ``None`` for auto."""
+    return _default[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # op registry
 
-Impl = Union[Callable, str]  # a callable, or "module:attribute" imported on first use
-_REGISTRY: dict[str, dict[str, Impl]] = {}
+
+@dataclass(frozen=True)
+class Constraint:
+    """A limit of one implementation.  ``check(*args)`` gets the implementation's arguments and returns
+    ``None`` when the call is within the limit, else a short description of what breaks it (``"head dim
+    256"``); ``needs`` says what is required (``"head dim <= 128"``)."""
+
+    needs: str
+    check: Callable[..., Optional[str]]
+
+
+@dataclass
+class _Impl:
+    fn: Union[Callable, str]  # a callable, or "module:attribute" imported on first use
+    devices: Optional[tuple[str, ...]]  # None: wherever the backend runs
+    constraints: tuple[Constraint, ...]
+
+
+_REGISTRY: dict[str, dict[str, _Impl]] = {}
 _OP_AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {}
 _lazy_cache: dict[tuple[str, str], Callable] = {}
 _warned: set[tuple] = set()
+# (op, backend argument, device type) -> the candidate backends to try in order, and whether the first one
+# was named explicitly; computed once (availability, device and implementation checks), then only the
+# implementations' constraints run per call
+_plans: dict[tuple, tuple[tuple[str, ...], Optional[str]]] = {}
+_default: list[Optional[str]] = [None]
 
 
 def set_auto_order(op: str, order: dict[str, tuple[str, ...]]) -> None:
@@ -153,19 +207,27 @@ def set_auto_order(op: str, order: dict[str, tuple[str, ...]]) -> None:
         for name in names:
             _check_name(name, f"auto order of {op!r} on {dev}")
     _OP_AUTO_ORDER[op] = dict(order)
+    _plans.clear()
 
 
-def register(op: str, backend: str, impl: Impl | None = None):
+def register(op: str, backend: str, impl=None, *, devices: Optional[tuple[str, ...]] = None,
+             constraints: tuple[Constraint, ...] = ()):  # fmt: skip
     """Register ``impl`` as ``op``'s implementation for ``backend``.
 
     ``impl`` may be a ``"package.module:function"`` string, imported lazily on first use, so that importing
-    ospfn never imports triton or torch_npu.  Without ``impl`` this returns a decorator.
+    ospfn never imports triton or torch_npu.  ``devices``: the device types this implementation runs on
+    (default: wherever the backend runs); ``constraints``: its limits on the arguments (see ``Constraint``).
+    Without ``impl`` this returns a decorator.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for c in constraints:
+        if not isinstance(c, Constraint):
+            raise TypeError(f"register: constraints must be Constraint objects, got {type(c).__name__}")
 
-    def deco(fn: Impl) -> Impl:
-        _REGISTRY.setdefault(op, {})[backend] = fn
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, None if devices is None else tuple(devices), tuple(constraints))
+        _plans.clear()
         return fn
 
     return deco if impl is None else deco(impl)
@@ -178,24 +240,31 @@ def implementations(op: str) -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if b in _REGISTRY[op])
 
 
+def constraints(op: str, backend: str) -> tuple[Constraint, ...]:
+    """The declared constraints of ``op``'s ``backend`` implementation."""
+    return _REGISTRY[op][backend].constraints
+
+
 def _load(op: str, backend: str) -> Callable:
-    impl = _REGISTRY[op][backend]
-    if not isinstance(impl, str):
-        return impl
+    fn = _REGISTRY[op][backend].fn
+    if not isinstance(fn, str):
+        return fn
     key = (op, backend)
     if key not in _lazy_cache:
-        module, _, attr = impl.partition(":")
+        module, _, attr = fn.partition(":")
         _lazy_cache[key] = getattr(importlib.import_module(module), attr)
     return _lazy_cache[key]
 
 
-def _runs_on(backend: str, device: torch.device) -> bool:
+def _runs_on(backend: str, device_type: str, impl: Optional[_Impl] = None) -> bool:
     devices = info(backend).devices
-    return "*" in devices or device.type in devices
+    if not ("*" in devices or device_type in devices):
+        return False
+    return impl is None or impl.devices is None or device_type in impl.devices
 
 
 def _note_once(key: tuple, msg: str) -> None:
-    if key not in _warned:
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         logger.warning(msg)
 
@@ -206,13 +275,11 @@ def _check_name(backend: object, origin: str) -> str:
     return backend
 
 
-def resolve(op: str, backend: str | None, device: torch.device | str) -> str:
-    """The name of the backend that runs ``op`` on ``device`` for the requested ``backend``."""
-    device = torch.device(device)
+def _plan(op: str, backend: Optional[str], device_type: str) -> tuple[tuple[str, ...], Optional[str]]:
+    """Candidates in order, and the name of an explicitly requested backend (constraints then raise)."""
     impls = _REGISTRY.get(op)
     if impls is None:
         raise KeyError(f"unknown op {op!r}")
-
     if backend is not None:
         name = _check_name(backend, "backend")
         st = info(name)
@@ -220,31 +287,76 @@ def resolve(op: str, backend: str | None, device: torch.device | str) -> str:
             raise RuntimeError(f"{op}: backend {name!r} is unavailable: {st.reason}")
         if name not in impls:
             raise RuntimeError(f"{op}: backend {name!r} has no implementation of this op; it has {implementations(op)}")
-        if not _runs_on(name, device):
-            raise RuntimeError(f"{op}: backend {name!r} runs on {', '.join(st.devices)} tensors, got a {device.type} tensor")
-        return name
+        if not _runs_on(name, device_type, impls[name]):
+            where = impls[name].devices or st.devices
+            raise RuntimeError(f"{op}: backend {name!r} runs on {', '.join(where)} tensors, got a {device_type} tensor")
+        return (name,), name
 
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env and env != "auto":
+    cands: list[str] = []
+    env = _default[0]
+    if env is not None:
         name = _check_name(env, ENV_VAR)
         st = info(name)
         if not st.available:
             raise RuntimeError(f"{ENV_VAR}={name} but backend {name!r} is unavailable: {st.reason}")
-        if name in impls and _runs_on(name, device):
-            return name
-        logger.debug("%s: %s=%s does not apply to %s tensors; using auto", op, ENV_VAR, name, device.type)
-
-    order = _OP_AUTO_ORDER.get(op, _AUTO_ORDER).get(device.type) or _AUTO_ORDER.get(device.type, ("ref",))
+        if name in impls and _runs_on(name, device_type, impls[name]):
+            cands.append(name)
+        else:
+            logger.debug("%s: %s=%s does not apply to %s tensors; using auto", op, ENV_VAR, name, device_type)
+    order = _OP_AUTO_ORDER.get(op, _AUTO_ORDER).get(device_type) or _AUTO_ORDER.get(device_type, ("ref",))
     for name in order:
-        if name not in impls:
+        if name not in impls or name in cands:
             continue
         st = info(name)
-        if st.available and _runs_on(name, device):
+        if st.available and _runs_on(name, device_type, impls[name]):
+            cands.append(name)
+        else:
+            why = st.reason if not st.available else f"does not run on {device_type} tensors"
+            _note_once(("auto", name, device_type), f"ospfn: backend {name!r} unavailable ({why}); falling back")
+    if "ref" not in cands and "ref" in impls:
+        cands.append("ref")
+    return tuple(cands), None
+
+
+def resolve(op: str, backend: str | None, device: torch.device | str, args: tuple = ()) -> str:
+    """The name of the backend that runs ``op`` on ``device`` for the requested ``backend``; with ``args``
+    (the implementation's arguments) the implementations' constraints are checked too."""
+    dtype_ = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op, backend, dtype_)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _plan(op, backend, dtype_)
+    cands, explicit = plan
+    impls = _REGISTRY[op]
+    for name in cands:
+        failed = None
+        if args:
+            for c in impls[name].constraints:
+                got = c.check(*args)
+                if got is not None:
+                    failed = (c, got)
+                    break
+        if failed is None:
             return name
-        _note_once(("auto", name, device.type), f"ospfn: backend {name!r} unavailable ({st.reason}); falling back")
-    return "ref"
+        c, got = failed
+        if explicit is not None:
+            raise ValueError(f"{op}: backend {name!r} needs {c.needs}, got {got}")
+        _note_once(("constraint", op, name, c.needs), f"ospfn: {op}: backend {name!r} skipped (needs {c.needs}, got {got}); trying the next one")
+    raise RuntimeError(f"{op}: no backend can run these arguments on {dtype_} (tried {cands})")
 
 
-def select(op: str, backend: str | None, device: torch.device | str) -> Callable:
+def select(op: str, backend: str | None, device: torch.device | str, args: tuple = ()) -> Callable:
     """The implementation function of ``op`` chosen by ``resolve``."""
-    return _load(op, resolve(op, backend, device))
+    return _load(op, resolve(op, backend, device, args))
+
+
+def dispatch(op: str, backend: str | None, *args):
+    """Run ``op`` on ``args`` (the implementation's arguments; the device is the first tensor's) through the
+    backend ``resolve`` picks, constraints included."""
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if dev is None:
+        raise TypeError(f"{op}: dispatch needs at least one tensor argument")
+    return _load(op, resolve(op, backend, dev, args))(*args)
+
+
+_default[0] = _read_env()

@@ -1,10 +1,17 @@
-"""Thin ``nn.Module`` shells over the functional DiT, for FSDP2 ``fully_shard``, ``torch.compile`` and PEFT.
+"""``nn.Module`` shells over the functional DiT, for FSDP2 ``fully_shard``, per-block ``torch.compile``,
+optimizers and ``state_dict`` tooling.
 
 The shells hold the same parameters as the functional dict -- ``named_parameters()`` yields exactly the Wan2.1
-names of ``ospfn.model.param_shapes`` -- as real ``nn.Linear`` / ``nn.Conv3d`` modules where the parameter
-is one, and call the pure functions of ``ospfn.model.dit``; they add no computation of their own.  Each block
-is its own module (``model.blocks[i]``) whose forward runs that block, so ``fully_shard(model.blocks[i])``
-gathers exactly that block's weights around its call.
+names of ``ospfn.model.param_shapes`` -- and compute nothing of their own: ``DiT.forward`` calls
+``ospfn.model.forward`` and each block module (``model.blocks[i]``) runs ``ospfn.model.dit.dit_block`` on its
+own parameters, so ``fully_shard(model.blocks[i])`` gathers exactly that block's weights around its call and
+``model.blocks[i].compile()`` compiles exactly one block (re-layouts and collectives stay between blocks).
+
+The leaves (``model.blocks[0].self_attn.q`` ...) are ``ParamHolder`` modules, not ``nn.Linear``: they hold
+``weight`` / ``bias`` and cannot be called, so a tool that wraps or hooks "Linear layers" (PEFT's LoRA,
+forward hooks) cannot silently attach to a layer that never runs.  LoRA in ospfn is functional: the adapter
+weights are part of the parameter dict and every block Linear runs through one function
+(``ospfn.model.dit._linear``), which is where a low-rank delta is added.
 
     >>> import torch
     >>> from ospfn.model import DiTConfig
@@ -26,33 +33,34 @@ from ospfn.model import dit
 from ospfn.model.config import DiTConfig
 from ospfn.model.params import init_params, param_shapes
 
-__all__ = ["DiT", "DiTBlock"]
+__all__ = ["DiT", "DiTBlock", "ParamHolder"]
 
 
-class _Params(nn.Module):
-    """A module that only holds parameters (norm weights, modulation tables)."""
+class ParamHolder(nn.Module):
+    """Holds parameters of the functional model (a Linear's weight and bias, a norm weight, a modulation
+    table); not a layer: calling it raises.  The computation is ``ospfn.model.dit``'s."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            "ParamHolder holds parameters only and is never called: ospfn.model.dit computes with them "
+            "(DiTBlock runs dit_block on the block's parameters)"
+        )
 
 
 class DiTBlock(nn.Module):
-    """One DiT block; ``forward`` runs ``ospfn.model.dit._block`` on this module's parameters."""
+    """One DiT block; ``forward(x, bc, lay)`` runs ``ospfn.model.dit.dit_block`` on this module's parameters
+    (``bc``: the call's ``BlockContext``, ``lay``: the layout's ``LayoutTables``)."""
 
     def __init__(self, index: int) -> None:
         super().__init__()
         self.index = index
 
-    def forward(self, x, e0, ctx, _params, cfg, i, rope, mask, batch, rt, rows="same"):
-        prefix = f"blocks.{self.index}."
-        own = {prefix + n: p for n, p in self.named_parameters()}
-        return dit._block(x, e0, ctx, own, cfg, i, rope, mask, batch, rt, rows)
+    def forward(self, x: torch.Tensor, bc: dit.BlockContext, lay: dit.LayoutTables) -> torch.Tensor:
+        return dit.dit_block(x, dict(self.named_parameters()), bc, lay)
 
 
 def _make_leaf(leaves: dict[str, tuple[int, ...]]) -> nn.Module:
-    w = leaves.get("weight")
-    if set(leaves) == {"weight", "bias"} and len(w) == 2:
-        return nn.Linear(w[1], w[0], bias=True)
-    if set(leaves) == {"weight", "bias"} and len(w) == 5:
-        return nn.Conv3d(w[1], w[0], kernel_size=tuple(w[2:]), bias=True)
-    m = _Params()
+    m = ParamHolder()
     for name, shape in leaves.items():
         m.register_parameter(name, nn.Parameter(torch.empty(shape)))
     return m
@@ -106,8 +114,8 @@ class DiT(nn.Module):
         """The parameter dict in Wan names (the live tensors, not copies)."""
         return dict(self.named_parameters())
 
-    def _run_block(self, i, x, *args):
-        return getattr(self.blocks, str(i))(x, *args)
+    def _run_block(self, i, x, bc, lay):
+        return getattr(self.blocks, str(i))(x, bc, lay)
 
     def forward(self, x, t, context, **kwargs):
         return dit.forward(self.params(), self.cfg, x, t, context, block_fn=self._run_block, **kwargs)

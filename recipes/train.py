@@ -209,7 +209,7 @@ def main_distributed(cfg, args, out_dir: Path) -> int:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ospfn.dist import ParallelConfig, init_parallel
+    from ospfn.parallel import ParallelConfig, init_parallel
     from ospfn.model import init_params
     from ospfn.model.checkpoint import load_checkpoint
     from ospfn.model.text import init_tiny_text_params

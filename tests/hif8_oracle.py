@@ -85,3 +85,31 @@ def oracle_quantize(x: torch.Tensor, scale_max: float, rowwise: bool) -> torch.T
     s = torch.tensor(scale_max, dtype=torch.float32) / amax  # tensor / tensor: IEEE division
     q = oracle_value(xf * s).to(torch.float32)
     return (q / s).to(x.dtype)
+
+
+# helpers shared by the HiF8 linear / matmul tests
+
+
+def rand(shape, seed, scale=1.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def q(t, scale_max, rowwise=False):
+    return oracle_quantize(t, scale_max, rowwise)
+
+
+def oracle_quantize_amax(x: torch.Tensor, scale_max: float, amax: torch.Tensor) -> torch.Tensor:
+    """spec section 3 with a given amax (fp32): s = M / max(amax, 1e-8); Q(x s) / s."""
+    xf = x.to(torch.float32)
+    floor = torch.tensor(1e-8, dtype=torch.float32)
+    s = torch.tensor(scale_max, dtype=torch.float32) / torch.where(amax < floor, floor, amax)
+    return (oracle_value(xf * s).to(torch.float32) / s).to(x.dtype)
+
+
+def assert_bits_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    bad = (got != want) & ~nan
+    assert not bad.any(), f"{int(bad.sum())} mismatches, e.g. got {got[bad][:5].tolist()} want {want[bad][:5].tolist()}"

@@ -56,27 +56,94 @@ def test_unknown_backend_name(bad):
         ospfn.ops.hif8_encode(torch.ones(2), backend=bad)
 
 
-def test_env_override(monkeypatch):
-    monkeypatch.setenv("OSPFN_BACKEND", "ref")
+@pytest.fixture
+def env_backend(monkeypatch):
+    """Set OSPFN_BACKEND for one test; the variable is read at import and by refresh(), not per call."""
+
+    def set_(value):
+        monkeypatch.setenv("OSPFN_BACKEND", value)
+        backends.refresh()
+
+    yield set_
+    monkeypatch.delenv("OSPFN_BACKEND", raising=False)
+    backends.refresh()
+
+
+def test_env_is_not_read_per_call(monkeypatch, env_backend):
+    env_backend("ref")
+    calls = []
+    real_get = os.environ.get
+    monkeypatch.setattr(os.environ, "get", lambda *a: calls.append(a) or real_get(*a))
+    for _ in range(3):
+        ospfn.ops.hif8_encode(torch.ones(4))
+        ospfn.ops.attention(*(torch.ones(1, 2, 1, 4) for _ in range(3)))
+    assert calls == []
+    monkeypatch.setenv("OSPFN_BACKEND", "triton")  # not seen until refresh()
     assert backends.resolve("hif8_encode", None, "cpu") == "ref"
-    monkeypatch.setenv("OSPFN_BACKEND", "triton")
+    backends.refresh()
+    assert backends.resolve("hif8_encode", None, "cpu") == "triton"
+
+
+def test_set_default():
+    try:
+        backends.set_default("ref")
+        assert backends.default() == "ref" and backends.resolve("hif8_encode", None, "cpu") == "ref"
+    finally:
+        backends.set_default(None)
+    assert backends.resolve("hif8_encode", None, "cpu") == "cpp"
+
+
+def test_env_override(env_backend):
+    env_backend("ref")
+    assert backends.resolve("hif8_encode", None, "cpu") == "ref"
+    env_backend("triton")
     assert backends.resolve("hif8_quantize", None, "cpu") == "triton"  # interpreter in tests
     # the argument beats the variable
     assert backends.resolve("hif8_quantize", "cpp", "cpu") == "cpp"
-    monkeypatch.setenv("OSPFN_BACKEND", "npu")
+    env_backend("npu")
     with pytest.raises(RuntimeError, match=r"OSPFN_BACKEND=npu but backend 'npu' is unavailable"):
         ospfn.ops.hif8_encode(torch.ones(2))
-    monkeypatch.setenv("OSPFN_BACKEND", "fastest")
+    env_backend("fastest")
     with pytest.raises(ValueError, match=r"OSPFN_BACKEND must be one of"):
         ospfn.ops.hif8_encode(torch.ones(2))
 
 
-def test_env_override_falls_back_for_ops_without_that_backend(monkeypatch):
+def test_env_override_falls_back_for_ops_without_that_backend(env_backend):
     backends.register("_test_only_op", "ref", lambda x: x + 1)
-    monkeypatch.setenv("OSPFN_BACKEND", "cpp")
+    env_backend("cpp")
     assert backends.resolve("_test_only_op", None, "cpu") == "ref"
     with pytest.raises(RuntimeError, match=r"backend 'cpp' has no implementation of this op"):
         backends.resolve("_test_only_op", "cpp", "cpu")
+
+
+def test_constraints_skip_in_auto_and_raise_when_explicit(caplog):
+    small = backends.Constraint("n <= 4", lambda x: None if x.numel() <= 4 else f"n = {x.numel()}")
+    backends.register("_test_constrained", "cpp", lambda x: x + 1, constraints=(small,))
+    backends.register("_test_constrained", "ref", lambda x: x + 2)
+    assert backends.constraints("_test_constrained", "cpp") == (small,)
+    with caplog.at_level("WARNING", logger="ospfn"):
+        assert backends.dispatch("_test_constrained", None, torch.zeros(3)).tolist() == [1.0] * 3
+        for _ in range(2):  # too large for cpp: auto goes on to ref, with one log line per process
+            assert backends.dispatch("_test_constrained", None, torch.zeros(5)).tolist() == [2.0] * 5
+    notes = [r.message for r in caplog.records if "_test_constrained" in r.message]
+    assert notes == ["ospfn: _test_constrained: backend 'cpp' skipped (needs n <= 4, got n = 5); trying the next one"]
+    with pytest.raises(ValueError, match=r"_test_constrained: backend 'cpp' needs n <= 4, got n = 5"):
+        backends.dispatch("_test_constrained", "cpp", torch.zeros(5))
+    with pytest.raises(TypeError, match="register: constraints must be Constraint objects"):
+        backends.register("_test_constrained", "cpp", lambda x: x, constraints=("n <= 4",))
+
+
+def test_attention_head_dim_256_skips_triton(env_backend, caplog):
+    """Triton attention keeps the head dim in one register tile (<= 128): D = 256 goes to the next backend
+    when triton is the default (as on CUDA), and an explicit request names the limit."""
+    q = torch.randn(1, 3, 1, 256)
+    env_backend("triton")  # the interpreter stands in for the GPU here
+    with caplog.at_level("WARNING", logger="ospfn"):
+        out = ospfn.ops.attention(q, q, q)
+    torch.testing.assert_close(out, ospfn.ops.attention(q, q, q, backend="ref"))
+    assert any("backend 'triton' skipped (needs head dim <= 128, got head dim 256)" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match=r"attention: backend 'triton' needs head dim <= 128, got head dim 256"):
+        ospfn.ops.attention(q, q, q, backend="triton")
 
 
 def test_missing_extension_falls_back_to_ref_with_one_log_line():

@@ -22,7 +22,7 @@ def _hash_tensor(B, L_tot, C, G_tot):
 
 
 def _ranks_relayout(rank, world, S, U):
-    from ospfn.dist import ParallelConfig, init_parallel, local_rows_of, relayout
+    from ospfn.parallel import ParallelConfig, init_parallel, local_rows_of, relayout
     from ospfn.ops import skiparse_fold, skiparse_layout, skiparse_switch, skiparse_unfold
 
     st = init_parallel(ParallelConfig(skiparse_sp=S, ulysses_sp=U))
@@ -79,7 +79,7 @@ def _reference(cfg, params, x, t, ctx):
 
 
 def _ranks_model(rank, world, combos, heads, quant):
-    from ospfn.dist import ParallelConfig, comm_stats, init_parallel, sum_sp_grads
+    from ospfn.parallel import ParallelConfig, comm_stats, init_parallel, sum_sp_grads
 
     cfg, params, x, t, ctx = _tiny(heads=heads, dim=8 * heads)
     if quant:
@@ -100,7 +100,7 @@ def _ranks_model(rank, world, combos, heads, quant):
 
 
 def _ranks_bad(rank, world, case):
-    from ospfn.dist import ParallelConfig, init_parallel
+    from ospfn.parallel import ParallelConfig, init_parallel
 
     if case == "world":
         init_parallel(ParallelConfig(skiparse_sp=2, ulysses_sp=1))

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "module",
-    ["ospfn.ops.hif8", "ospfn.ops.hif8_gemm", "ospfn.model.text", "ospfn.model.vae", "ospfn.sched.flow", "ospfn.ops.skiparse", "ospfn.ops.rope", "ospfn.ops.attn", "ospfn.ops.fourier", "ospfn.model.config",
+    ["ospfn.ops.hif8", "ospfn.ops.hif8_gemm", "ospfn.model.text", "ospfn.model.vae", "ospfn.sched.flow", "ospfn.ops.skiparse", "ospfn.ops.rope", "ospfn.ops.attention", "ospfn.ops.fourier", "ospfn.model.config",
      "ospfn.model.dit", "ospfn.model.checkpoint", "ospfn.nn", "ospfn.data.synthetic", "ospfn.data.video"],
 )
 def test_docstring_examples(module):

@@ -7,7 +7,7 @@ from dit_reference import reference_forward
 
 import ospfn.model as M
 from ospfn.model.checkpoint import convert_state_dict
-from ospfn.nn import DiT
+from ospfn.nn import DiT, ParamHolder
 
 
 def perturbed(params, seed=0, scale=0.05, skip=()):
@@ -187,7 +187,6 @@ def test_hif8_mode_quantises_exactly_the_block_linears(quant_attn, monkeypatch):
     Checked call by call rather than end to end: an end-to-end comparison with an independent reference is not
     exact here, because a value that two correct implementations compute an ulp apart can fall on either side of
     a HiF8 rounding midpoint, and the 3-bit mantissa turns that into an error the following layers amplify."""
-    import ospfn.ops
     import ospfn.model.dit as dit
     from hif8_oracle import oracle_quantize
     from ospfn.ops import skiparse_key_mask
@@ -199,7 +198,7 @@ def test_hif8_mode_quantises_exactly_the_block_linears(quant_attn, monkeypatch):
     B, grid = x.shape[0], (x.shape[2], x.shape[3] // cfg.patch_size[1], x.shape[4] // cfg.patch_size[2])
     names = {v.data_ptr(): k for k, v in params.items()}
     calls, attn_in = [], []
-    real_linear, real_attention = ospfn.ops.hif8_linear, dit.attention
+    real_linear, real_attention = dit.hif8_linear, dit.attention
 
     def spy_linear(a, w, b=None, **kw):
         y = real_linear(a, w, b, **kw)
@@ -212,7 +211,7 @@ def test_hif8_mode_quantises_exactly_the_block_linears(quant_attn, monkeypatch):
             attn_in.append((q, k, v))
         return real_attention(q, k, v, **kw)
 
-    monkeypatch.setattr(ospfn.ops, "hif8_linear", spy_linear)
+    monkeypatch.setattr(dit, "hif8_linear", spy_linear)
     monkeypatch.setattr(dit, "attention", spy_attention)
     out = M.forward(params, cfg, x, t, ctx)
     monkeypatch.undo()
@@ -360,7 +359,11 @@ def test_module_shell_is_the_functional_model():
     net = DiT(cfg, params)
     assert sorted(n for n, _ in net.named_parameters()) == sorted(M.param_shapes(cfg))
     assert all(p is params[n] or p.data_ptr() == params[n].data_ptr() for n, p in net.named_parameters())
-    assert isinstance(net.blocks_list[0].self_attn.q, torch.nn.Linear)
+    # leaves hold parameters and cannot be mistaken for live layers (PEFT / hooks would never see a call)
+    leaf = net.blocks_list[0].self_attn.q
+    assert isinstance(leaf, ParamHolder) and not isinstance(leaf, torch.nn.Linear)
+    with pytest.raises(RuntimeError, match="ParamHolder holds parameters only"):
+        leaf(torch.ones(1, cfg.dim))
     x, t, ctx = inputs(cfg)
     s = torch.randn(2, 16, 1, 10, 14)
     assert torch.equal(net(x, t, ctx, cond_image_latent=s, fourier_ratio=0.2), M.forward(params, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.2))

@@ -4,14 +4,22 @@ Wan2.1 T2V; OSP-Next = the same network with the Skiparse block schedule (``skip
 FlashI2V = plus the Fourier embedding (here) and the latent shift phi (``flashi2v_shift``, applied by the
 caller: the sampler and the loss feed ``z - phi(s)``).
 
+One loop runs the blocks, on one process or many: the single-process model is the sequence-parallel one on a
+trivial mesh (``ParallelState.single``).  Each block is ``dit_block(x, params_of_block, bc, lay)`` with a
+frozen per-call ``BlockContext`` and the ``LayoutTables`` of its layout; ``forward`` builds both once.
+Every block Linear runs through ``_linear`` (the one place a low-rank delta or quantisation applies); the
+context tokens are ``bc.text``; the loop is the one place blocks are run, skipped or cached.
+
 The residual stream is re-laid-out only at block inputs (spec-skiparse-ssp.md section 2):
-full -> token: pad + fold; token <-> group: switch; group -> full: unfold + crop.  In the folded layout the
+full -> token: pad + fold; token <-> group: switch; group -> full: unfold + crop (``ospfn.parallel.relayout``:
+local permutations on one process, one all-to-all under SP).  In the folded layout the
 batch axis is (slot, batch) slot-major, so the time modulation and the text keys/values are broadcast over
 the P^2 slots instead of being materialised P^2 times (an improvement over the reference; same results).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -24,15 +32,27 @@ from ospfn.model.config import DiTConfig
 from ospfn.ops import (
     apply_rope,
     attention,
+    fourier_high_freq,
+    hif8_fake_quant,
+    hif8_linear,
     rope_cos_sin,
-    skiparse_fold,
     skiparse_key_mask,
     skiparse_positions,
-    skiparse_switch,
-    skiparse_unfold,
 )
+from ospfn.parallel import ParallelState, all_gather_seq, check_model_parallel, local_rows_of, relayout, replicated_grad, ulysses_attention
 
-__all__ = ["forward", "block_schedule", "flashi2v_shift", "fourier_features", "time_embedding", "DiTRuntime"]
+__all__ = [
+    "forward",
+    "dit_block",
+    "block_params",
+    "block_schedule",
+    "layout_tables",
+    "BlockContext",
+    "LayoutTables",
+    "flashi2v_shift",
+    "fourier_features",
+    "time_embedding",
+]
 
 
 def block_schedule(cfg: DiTConfig) -> list[str]:
@@ -50,18 +70,6 @@ def block_schedule(cfg: DiTConfig) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------
 # small pieces
-
-
-def _linear(x: torch.Tensor, params: dict, name: str, quant: Optional[str] = None, amax_group=None, rows=None) -> torch.Tensor:
-    w = params[name + ".weight"]
-    b = params.get(name + ".bias")
-    if quant == "hif8":
-        from ospfn.ops import hif8_linear
-
-        if rows is not None:  # Skiparse pad rows must not move the per-tensor amax
-            x = x * rows[..., None].to(x.dtype)
-        return hif8_linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype), amax_group=amax_group)
-    return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
 def _layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
@@ -104,12 +112,6 @@ def time_embedding(t: torch.Tensor, freq_dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).float()
 
 
-def _hif8_ste(x: torch.Tensor, amax_group=None) -> torch.Tensor:
-    from ospfn.model.quant import hif8_fake_quant_ste
-
-    return hif8_fake_quant_ste(x, amax_group=amax_group)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # FlashI2V pieces
 
@@ -142,90 +144,135 @@ def flashi2v_shift(params: dict, cfg: DiTConfig, s: torch.Tensor) -> torch.Tenso
 def fourier_features(s: torch.Tensor, ratio) -> torch.Tensor:
     """f_high(s) of spec-flashi2v.md section 1 for a [B, C, 1, H, W] (or [B, C, H, W]) first-frame latent, in fp32
     [B, C, 1, H, W] (the model broadcasts it over the latent frames)."""
-    from ospfn.ops import fourier_high_freq
-
     s = _as_frame(s, "fourier_features")
     return fourier_high_freq(s.float(), ratio)[:, :, None]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# forward
+# the block: one public function over a frozen per-call context and one small per-layout value
 
 
-@dataclass
-class DiTRuntime:
-    """Per-call options that are not model hyper-parameters."""
+@dataclass(frozen=True)
+class BlockContext:
+    """What every block of one forward call shares (frozen; built once per call by ``forward``).
 
+    ``e0`` [B, 6, dim] fp32 time modulation; ``text`` [B, L, dim] the embedded context tokens (text, and in
+    later models extra tokens appended to it); ``batch`` B; ``mesh`` the ``ospfn.parallel.ParallelState``
+    (a trivial one on one process); ``amax_group`` the HiF8 amax group (None: local amax).
+    """
+
+    cfg: DiTConfig
+    batch: int
+    e0: torch.Tensor
+    text: torch.Tensor
+    mesh: ParallelState
     attn_backend: Optional[str] = None
-    grad_checkpoint: bool = False
-    amax_group: object = None  # process group for HiF8 amax all-reduce under sequence parallelism
-    parallel: object = None  # ospfn.dist.ParallelState, or None on one process
-    layout: str = "full"  # layout of the block being run
-
-    def attend(self, q, k, v, key_mask):
-        """Self-attention of the current block: local, or Ulysses over the right group under SP."""
-        st = self.parallel
-        if st is None:
-            return attention(q, k, v, key_mask=key_mask, backend=self.attn_backend)
-        from ospfn.dist import ulysses_attention
-
-        group = st.sp_group if self.layout == "full" else st.ulysses_group
-        return ulysses_attention(q, k, v, group=group, key_mask=key_mask, backend=self.attn_backend)
+    amax_group: object = None
 
 
-def _self_attention(x, params, cfg, p, rope, mask, batch, rt: DiTRuntime, rows=None):
+@dataclass(frozen=True)
+class LayoutTables:
+    """The per-layout tables of one call: the layout name ("full", "token" or "group"), the RoPE (cos, sin)
+    of the local rows, the self-attention key mask (None: no padding; under SP the keys of the local
+    sub-sequences, which Ulysses gathers), the local rows that are real tokens (None: all), and the process
+    group self-attention runs over (None: local)."""
+
+    name: str
+    rope: tuple
+    key_mask: Optional[torch.Tensor]
+    rows: Optional[torch.Tensor]
+    attn_group: object = None
+
+
+def _linear(x: torch.Tensor, params: dict, name: str, bc: Optional[BlockContext] = None, rows=None) -> torch.Tensor:
+    """The one place every block Linear runs: ``x W^T + b`` in x's dtype, or the HiF8 straight-through
+    linear (``cfg.quant == "hif8"``) with Skiparse pad rows zeroed so they do not move the amax."""
+    w = params[name + ".weight"]
+    b = params.get(name + ".bias")
+    b = None if b is None else b.to(x.dtype)
+    if bc is not None and bc.cfg.quant == "hif8":
+        if rows is not None:
+            x = x * rows[..., None].to(x.dtype)
+        return hif8_linear(x, w.to(x.dtype), b, amax_group=bc.amax_group)
+    return F.linear(x, w.to(x.dtype), b)
+
+
+def _attend(q, k, v, bc: BlockContext, lay: LayoutTables):
+    if lay.attn_group is None:
+        return attention(q, k, v, key_mask=lay.key_mask, backend=bc.attn_backend)
+    return ulysses_attention(q, k, v, group=lay.attn_group, key_mask=lay.key_mask, backend=bc.attn_backend)
+
+
+def _self_attention(x, p: dict, bc: BlockContext, lay: LayoutTables):
+    cfg = bc.cfg
     n_h, d = cfg.num_heads, cfg.head_dim
-    lin = lambda t, name: _linear(t, params, p + name, cfg.quant, rt.amax_group, rows)  # noqa: E731
-    q = _rms_norm(lin(x, "self_attn.q"), params[p + "self_attn.norm_q.weight"], cfg.eps)
-    k = _rms_norm(lin(x, "self_attn.k"), params[p + "self_attn.norm_k.weight"], cfg.eps)
-    v = lin(x, "self_attn.v")
+    q = _rms_norm(_linear(x, p, "self_attn.q", bc, lay.rows), p["self_attn.norm_q.weight"], cfg.eps)
+    k = _rms_norm(_linear(x, p, "self_attn.k", bc, lay.rows), p["self_attn.norm_k.weight"], cfg.eps)
+    v = _linear(x, p, "self_attn.v", bc, lay.rows)
     q, k, v = (t.view(t.shape[0], t.shape[1], n_h, d) for t in (q, k, v))
-    cos, sin = rope
+    cos, sin = lay.rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cfg.quant_attn == "hif8":
-        if rows is not None:  # pad rows out of the amax (they are masked keys and cropped queries anyway)
-            keep = rows[:, :, None, None].to(q.dtype)
+        if lay.rows is not None:  # pad rows out of the amax (they are masked keys and cropped queries anyway)
+            keep = lay.rows[:, :, None, None].to(q.dtype)
             q, k, v = q * keep, k * keep, v * keep
-        q, k, v = (_hif8_ste(z, rt.amax_group) for z in (q, k, v))
-    o = rt.attend(q, k, v, mask)
-    return lin(o.reshape(o.shape[0], o.shape[1], cfg.dim), "self_attn.o")
+        q, k, v = (hif8_fake_quant(z, amax_group=bc.amax_group) for z in (q, k, v))
+    o = _attend(q, k, v, bc, lay)
+    return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), p, "self_attn.o", bc, lay.rows)
 
 
-def _cross_attention(x, ctx, params, cfg, p, batch, rt: DiTRuntime, rows=None):
+def _cross_attention(x, p: dict, bc: BlockContext, lay: LayoutTables):
+    cfg = bc.cfg
     n_h, d = cfg.num_heads, cfg.head_dim
-    q = _rms_norm(_linear(x, params, p + "cross_attn.q", cfg.quant, rt.amax_group, rows), params[p + "cross_attn.norm_q.weight"], cfg.eps)
-    k = _linear(ctx, params, p + "cross_attn.k", cfg.quant, rt.amax_group)
-    v = _linear(ctx, params, p + "cross_attn.v", cfg.quant, rt.amax_group)
-    if cfg.quant == "hif8" and rt.parallel is not None and rt.parallel.sp_size > 1:
+    q = _rms_norm(_linear(x, p, "cross_attn.q", bc, lay.rows), p["cross_attn.norm_q.weight"], cfg.eps)
+    k = _linear(bc.text, p, "cross_attn.k", bc)
+    v = _linear(bc.text, p, "cross_attn.v", bc)
+    if cfg.quant == "hif8" and bc.mesh.sp_size > 1:
         # text K/V are replicated over the SP group but each rank's gradient covers its own queries only;
         # the HiF8 backward quantises that gradient, so it must see the whole of it (see replicated_grad)
-        from ospfn.dist.comm import replicated_grad
-
-        k, v = replicated_grad(k, rt.parallel.sp_group), replicated_grad(v, rt.parallel.sp_group)
-    k = _rms_norm(k, params[p + "cross_attn.norm_k.weight"], cfg.eps)
-    G = x.shape[0] // batch
+        k, v = replicated_grad(k, bc.mesh.sp_group), replicated_grad(v, bc.mesh.sp_group)
+    k = _rms_norm(k, p["cross_attn.norm_k.weight"], cfg.eps)
+    G = x.shape[0] // bc.batch
     # text K/V are computed once per sample and tiled over the folded slots (slot-major batch)
-    k = k.view(batch, -1, n_h, d).repeat(G, 1, 1, 1)
-    v = v.view(batch, -1, n_h, d).repeat(G, 1, 1, 1)
-    o = attention(q.view(q.shape[0], q.shape[1], n_h, d), k, v, backend=rt.attn_backend)
-    return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), params, p + "cross_attn.o", cfg.quant, rt.amax_group, rows)
+    k = k.view(bc.batch, -1, n_h, d).repeat(G, 1, 1, 1)
+    v = v.view(bc.batch, -1, n_h, d).repeat(G, 1, 1, 1)
+    o = attention(q.view(q.shape[0], q.shape[1], n_h, d), k, v, backend=bc.attn_backend)
+    return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), p, "cross_attn.o", bc, lay.rows)
 
 
-def _block(x, e0, ctx, params, cfg, i, rope, mask, batch, rt: DiTRuntime, rows="same"):
-    """One DiT block.  ``mask``: key-padding mask of self-attention; ``rows``: which local rows are real
-    tokens (the same as ``mask`` on one process; the local part of it under sequence parallelism)."""
-    p = f"blocks.{i}."
-    rows = mask if isinstance(rows, str) else rows
-    mod = (params[p + "modulation"].float() + e0).unbind(1)  # 6 x [B, C] fp32
-    sh1, sc1, g1, sh2, sc2, g2 = mod
+def dit_block(x: torch.Tensor, params: dict, bc: BlockContext, lay: LayoutTables) -> torch.Tensor:
+    """One DiT block on the local stream ``x`` [G*B, n, dim] (G folded slots, slot-major; G = 1 for "full").
+
+    ``params``: this block's parameters under their names inside the block (``"self_attn.q.weight"``, ...,
+    see ``block_params``); ``bc``: the call's ``BlockContext``; ``lay``: the ``LayoutTables`` of this block's
+    layout.  Self-attention (modulated, gated), cross-attention to ``bc.text``, feed-forward (modulated,
+    gated); every Linear goes through ``_linear``.
+    """
+    cfg, batch = bc.cfg, bc.batch
+    sh1, sc1, g1, sh2, sc2, g2 = (params["modulation"].float() + bc.e0).unbind(1)  # 6 x [B, C] fp32
     h = _modulate(_layer_norm(x, cfg.eps), sh1, sc1, batch).to(x.dtype)
-    x = _gated_residual(x, _self_attention(h, params, cfg, p, rope, mask, batch, rt, rows), g1, batch)
-    h = _layer_norm(x, cfg.eps, params[p + "norm3.weight"], params[p + "norm3.bias"]).to(x.dtype)
-    x = x + _cross_attention(h, ctx, params, cfg, p, batch, rt, rows)
+    x = _gated_residual(x, _self_attention(h, params, bc, lay), g1, batch)
+    h = _layer_norm(x, cfg.eps, params["norm3.weight"], params["norm3.bias"]).to(x.dtype)
+    x = x + _cross_attention(h, params, bc, lay)
     h = _modulate(_layer_norm(x, cfg.eps), sh2, sc2, batch).to(x.dtype)
-    f = _linear(h, params, p + "ffn.0", cfg.quant, rt.amax_group, rows)
-    f = _linear(F.gelu(f, approximate="tanh"), params, p + "ffn.2", cfg.quant, rt.amax_group, rows)
+    f = _linear(h, params, "ffn.0", bc, lay.rows)
+    f = _linear(F.gelu(f, approximate="tanh"), params, "ffn.2", bc, lay.rows)
     return _gated_residual(x, f, g2, batch)
+
+
+def block_params(params: dict, num_layers: int) -> list[dict]:
+    """Split a model's parameter dict into one dict per block, keyed by the names inside the block
+    (``"blocks.3.ffn.0.weight"`` -> ``block_params(...)[3]["ffn.0.weight"]``); one pass, no copies."""
+    out: list[dict] = [{} for _ in range(num_layers)]
+    for name, value in params.items():
+        if name.startswith("blocks."):
+            idx, _, rest = name[7:].partition(".")
+            out[int(idx)][rest] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
 
 
 def _check_inputs(params, cfg, x, t, context):
@@ -274,20 +321,20 @@ def forward(
     ``fourier_ratio`` (float or [B]) or precomputed ``fourier_feats`` = ``fourier_features(s, ratio)``.
     ``attn_backend`` selects the attention backend; ``grad_checkpoint`` recomputes each block in backward;
     ``amax_group`` is passed to HiF8 linears; ``block_hook(i, layout, x)`` sees the stream after each block.
-    ``block_fn(i, x, *block_args)`` replaces the block call (the ``ospfn.nn`` module shells route blocks
-    through their submodules this way, for FSDP2 / activation checkpointing wrappers).
+    ``block_fn(i, x, bc, lay)`` replaces ``dit_block(x, block_params[i], bc, lay)`` (the ``ospfn.nn`` module
+    shells route blocks through their submodules this way, for FSDP2 / per-block ``torch.compile``).
     ``shift_cond`` (FlashI2V): subtract ``flashi2v_shift(params, cfg, shift_cond)`` from x first, so phi is
     evaluated inside the call (needed where parameters are only materialised during a module's forward,
     e.g. under FSDP2); ``x - flashi2v_shift(...)`` passed directly is the same computation.
-    ``parallel`` (``ospfn.dist.ParallelState``) runs the model sequence-parallel over the state's SP group:
+    ``parallel`` (``ospfn.parallel.ParallelState``) runs the model sequence-parallel over the state's SP group:
     every rank gets the same inputs and returns the full output; Skiparse blocks keep whole sub-sequences
     per rank (one all-to-all per layout change), full blocks use Ulysses.  Gradients of the (replicated)
-    parameters are then partial per rank: sum them over the SP group (``ospfn.dist.sum_sp_grads``).
+    parameters are then partial per rank: sum them over the SP group (``ospfn.parallel.sum_sp_grads``).
     """
     _check_inputs(params, cfg, x, t, context)
-    if parallel is not None and parallel.sp_size > 1 and cfg.quant == "hif8" and amax_group is None:
-        amax_group = parallel.sp_group  # SP ranks must quantise with one amax
-    rt = DiTRuntime(attn_backend=attn_backend, grad_checkpoint=grad_checkpoint, amax_group=amax_group, parallel=parallel)
+    mesh = parallel if parallel is not None else ParallelState.single(x.device)
+    if mesh.sp_size > 1 and cfg.quant == "hif8" and amax_group is None:
+        amax_group = mesh.sp_group  # SP ranks must quantise with one amax
     B = x.shape[0]
     pt, ph, pw = cfg.patch_size
     grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
@@ -295,7 +342,48 @@ def forward(
     if shift_cond is not None:
         x = x - flashi2v_shift(params, cfg, shift_cond)
 
-    # patchify (+ FlashI2V Fourier embedding, identical on every frame: computed once, broadcast over T)
+    x_tok = _embed_latents(params, cfg, x, cond_image_latent, fourier_ratio, fourier_feats, wdtype)
+    e, e0 = _time_embed(params, cfg, t)
+    ctx = F.linear(context.to(wdtype), params["text_embedding.0.weight"], params["text_embedding.0.bias"])
+    ctx = F.linear(F.gelu(ctx, approximate="tanh"), params["text_embedding.2.weight"], params["text_embedding.2.bias"])
+
+    schedule = block_schedule(cfg)
+    if mesh.sp_size > 1:
+        check_model_parallel(cfg, mesh, grid)
+    tables = {kind: layout_tables(cfg, grid, kind, B, mesh, x.device) for kind in set(schedule)}
+    bc = BlockContext(cfg, B, e0, ctx, mesh, attn_backend, amax_group)
+    per_block = None if block_fn is not None else block_params(params, cfg.num_layers)
+
+    n_local = x_tok.shape[1] // mesh.sp_size
+    x_loc = x_tok[:, mesh.sp_rank * n_local : (mesh.sp_rank + 1) * n_local] if mesh.sp_size > 1 else x_tok
+    cur = "full"
+    for i, kind in enumerate(schedule):
+        with mesh.tag(f"block{i}:{kind}"):
+            x_loc = relayout(x_loc, grid, cfg.sparse_ratio, cur, kind, mesh, batch=B)
+            cur = kind
+            if block_fn is None:
+                run, args = dit_block, (per_block[i], bc, tables[kind])
+            else:  # a module block uses its own parameters (under FSDP2 the model's dict holds other units' shards)
+                run, args = functools.partial(block_fn, i), (bc, tables[kind])
+            if grad_checkpoint and torch.is_grad_enabled():
+                x_loc = checkpoint(run, x_loc, *args, use_reentrant=False)
+            else:
+                x_loc = run(x_loc, *args)
+        if block_hook is not None:
+            block_hook(i, kind, x_loc)
+    with mesh.tag("head"):
+        x_loc = relayout(x_loc, grid, cfg.sparse_ratio, cur, "full", mesh, batch=B)
+        out = _head_tokens(x_loc, e, params, cfg)
+        if mesh.sp_size > 1:
+            out = all_gather_seq(out, 1, mesh.sp_group)  # the head runs on local tokens only
+    return _unpatchify(out, cfg, grid, B)
+
+
+def _embed_latents(params, cfg, x, cond_image_latent, fourier_ratio, fourier_feats, wdtype):
+    """Patchify (+ the FlashI2V Fourier embedding, identical on every frame: computed once, broadcast over T);
+    tokens [B, N, dim] in raster order (t, h, w)."""
+    B = x.shape[0]
+    pt = cfg.patch_size[0]
     h = F.conv3d(x.to(wdtype), params["patch_embedding.weight"], params["patch_embedding.bias"], stride=cfg.patch_size)
     if cfg.i2v == "flashi2v":
         if fourier_feats is None:
@@ -310,51 +398,35 @@ def forward(
         f = F.conv3d(f, params["fourier_embedding.0.weight"], params["fourier_embedding.0.bias"], stride=cfg.patch_size)
         f = F.conv3d(f, params["fourier_embedding.1.weight"], params["fourier_embedding.1.bias"])
         h = h + f
-    x_tok = h.flatten(2).transpose(1, 2)  # [B, N, dim] raster order (t, h, w)
+    return h.flatten(2).transpose(1, 2)
 
-    # time (fp32) and text
+
+def _time_embed(params, cfg, t):
+    """(e [B, dim], e0 [B, 6, dim]) in fp32: the timestep embedding and the blocks' modulation input."""
     e = F.linear(time_embedding(t, cfg.freq_dim), params["time_embedding.0.weight"].float(), params["time_embedding.0.bias"].float())
     e = F.linear(F.silu(e), params["time_embedding.2.weight"].float(), params["time_embedding.2.bias"].float())
-    e0 = F.linear(F.silu(e), params["time_projection.1.weight"].float(), params["time_projection.1.bias"].float()).unflatten(1, (6, cfg.dim))
-    ctx = F.linear(context.to(wdtype), params["text_embedding.0.weight"], params["text_embedding.0.bias"])
-    ctx = F.linear(F.gelu(ctx, approximate="tanh"), params["text_embedding.2.weight"], params["text_embedding.2.bias"])
+    e0 = F.linear(F.silu(e), params["time_projection.1.weight"].float(), params["time_projection.1.bias"].float())
+    return e, e0.unflatten(1, (6, cfg.dim))
 
-    # per-layout RoPE tables and key masks, built once
+
+def layout_tables(cfg: DiTConfig, grid, kind: str, batch: int, mesh: ParallelState, device) -> LayoutTables:
+    """RoPE, key mask and real rows of layout ``kind`` for this rank of ``mesh`` (the whole grid on one
+    process)."""
     P = cfg.sparse_ratio
-    schedule = block_schedule(cfg)
-    if parallel is not None and parallel.sp_size > 1:
-        return _forward_parallel(x_tok, e, e0, ctx, params, cfg, grid, schedule, B, rt, block_fn, block_hook)
-    ropes, masks = {}, {}
-    for layout in set(schedule):
-        if layout == "full":
-            pos = skiparse_positions(grid, 1, None, device=x.device)
-            masks[layout] = None
-        else:
-            pos = skiparse_positions(grid, P, layout, device=x.device)
-            masks[layout] = skiparse_key_mask(grid, P, layout, B, device=x.device)
-        ropes[layout] = rope_cos_sin(pos, cfg.head_dim, theta=cfg.rope_theta)
-
-    cur = "full"
-    for i, layout in enumerate(schedule):
-        x_tok = _relayout(x_tok, grid, P, cur, layout)
-        cur = layout
-        rt.layout = layout
-        x_tok = _run_block(x_tok, (e0, ctx, params, cfg, i, ropes[layout], masks[layout], B, rt), i, block_fn, grad_checkpoint)
-        if block_hook is not None:
-            block_hook(i, layout, x_tok)
-    x_tok = _relayout(x_tok, grid, P, cur, "full")
-    return _head(x_tok, e, params, cfg, grid, B)
-
-
-def _run_block(x_tok, args, i, block_fn, grad_checkpoint):
-    if block_fn is not None:
-        # a module block uses its own parameters: do not hand it the model's dict (under FSDP2 that dict
-        # holds other units' sharded parameters, which must not become inputs of this unit)
-        args = args[:2] + (None,) + args[3:]
-    run = _block if block_fn is None else (lambda x_, *a, _i=i: block_fn(_i, x_, *a))
-    if grad_checkpoint and torch.is_grad_enabled():
-        return checkpoint(run, x_tok, *args, use_reentrant=False)
-    return run(x_tok, *args)
+    if kind == "full":
+        pos = local_rows_of(skiparse_positions(grid, 1, None, device=device)[0], grid, P, "full", mesh)[None]
+        return LayoutTables(kind, rope_cos_sin(pos, cfg.head_dim, theta=cfg.rope_theta), None, None,
+                            mesh.sp_group if mesh.sp_size > 1 else None)  # fmt: skip
+    pos = local_rows_of(skiparse_positions(grid, P, kind, device=device), grid, P, kind, mesh)
+    rope = rope_cos_sin(pos, cfg.head_dim, theta=cfg.rope_theta)
+    group = mesh.ulysses_group if mesh.U > 1 else None
+    full_mask = skiparse_key_mask(grid, P, kind, batch, device=device)
+    if full_mask is None:
+        return LayoutTables(kind, rope, None, None, group)
+    G = P * P // mesh.S
+    keys = full_mask[mesh.s_rank * G * batch : (mesh.s_rank + 1) * G * batch]  # local slots, whole sub-sequences
+    L = keys.shape[1] // mesh.U
+    return LayoutTables(kind, rope, keys, keys[:, mesh.u_rank * L : (mesh.u_rank + 1) * L], group)
 
 
 def _head_tokens(x_tok, e, params, cfg):
@@ -369,60 +441,3 @@ def _unpatchify(out, cfg, grid, B):
     T_, H_, W_ = grid
     out = out.view(B, T_, H_, W_, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return out.reshape(B, cfg.out_dim, T_ * pt, H_ * ph, W_ * pw).float()
-
-
-def _head(x_tok, e, params, cfg, grid, B):
-    return _unpatchify(_head_tokens(x_tok, e, params, cfg), cfg, grid, B)
-
-
-def _forward_parallel(x_tok, e, e0, ctx, params, cfg, grid, schedule, B, rt, block_fn, block_hook):
-    """The block loop on one rank of the SP group (inputs replicated, output gathered)."""
-    from ospfn.dist import all_gather_seq, check_model_parallel, comm_tag, local_rows_of, relayout
-
-    st = rt.parallel
-    check_model_parallel(cfg, st, grid)
-    P = cfg.sparse_ratio
-    dev = x_tok.device
-    ropes, masks, rows = {}, {}, {}
-    for layout in set(schedule):
-        if layout == "full":
-            pos = local_rows_of(skiparse_positions(grid, 1, None, device=dev)[0], grid, P, "full", st)[None]
-            masks[layout] = rows[layout] = None
-        else:
-            pos = local_rows_of(skiparse_positions(grid, P, layout, device=dev), grid, P, layout, st)
-            full_mask = skiparse_key_mask(grid, P, layout, B, device=dev)
-            if full_mask is None:
-                masks[layout] = rows[layout] = None
-            else:
-                G = P * P // st.S
-                keys = full_mask[st.s_rank * G * B : (st.s_rank + 1) * G * B]  # local slots, whole sub-sequences
-                L = keys.shape[1] // st.U
-                masks[layout] = keys
-                rows[layout] = keys[:, st.u_rank * L : (st.u_rank + 1) * L]
-        ropes[layout] = rope_cos_sin(pos, cfg.head_dim, theta=cfg.rope_theta)
-    n_local = x_tok.shape[1] // st.sp_size
-    x_loc = x_tok[:, st.sp_rank * n_local : (st.sp_rank + 1) * n_local]
-    cur = "full"
-    for i, layout in enumerate(schedule):
-        with comm_tag(f"block{i}:{layout}"):
-            x_loc = relayout(x_loc, grid, P, cur, layout, st, batch=B)
-            cur = layout
-            rt.layout = layout
-            args = (e0, ctx, params, cfg, i, ropes[layout], masks[layout], B, rt, rows[layout])
-            x_loc = _run_block(x_loc, args, i, block_fn, rt.grad_checkpoint)
-        if block_hook is not None:
-            block_hook(i, layout, x_loc)
-    with comm_tag("head"):
-        x_loc = relayout(x_loc, grid, P, cur, "full", st, batch=B)
-        out = all_gather_seq(_head_tokens(x_loc, e, params, cfg), 1, st.sp_group)  # head on local tokens only
-    return _unpatchify(out, cfg, grid, B)
-
-
-def _relayout(x: torch.Tensor, grid, P: int, src: str, dst: str) -> torch.Tensor:
-    if src == dst:
-        return x
-    if src == "full":
-        return skiparse_fold(x, grid, P, dst)
-    if dst == "full":
-        return skiparse_unfold(x, grid, P, src)
-    return skiparse_switch(x, grid, P)

@@ -1,9 +1,10 @@
 """Public ops of ospfn.  Every op takes ``backend=None|"ref"|"cpp"|"triton"|"npu"|"torch"`` (see ospfn.backends)."""
 
-from ospfn.ops.attn import attention
+from ospfn.ops.attention import attention
 from ospfn.ops.fourier import fourier_cutoff, fourier_high_freq
 from ospfn.ops.hif8 import hif8_amax, hif8_decode, hif8_encode, hif8_quantize, hif8_round
-from ospfn.ops.hif8_gemm import HiF8Tensor, hif8_linear, hif8_matmul, hif8_pack, hif8_unpack
+from ospfn.ops.hif8_linear import hif8_fake_quant, hif8_linear
+from ospfn.ops.hif8_matmul import HiF8Tensor, hif8_matmul, hif8_pack, hif8_unpack
 from ospfn.ops.rope import apply_rope, rope_3d, rope_cos_sin, rope_split
 from ospfn.ops.skiparse import (
     SkiparseLayout,
@@ -24,6 +25,7 @@ __all__ = [
     "hif8_round",
     "hif8_quantize",
     "hif8_amax",
+    "hif8_fake_quant",
     "hif8_linear",
     "HiF8Tensor",
     "hif8_pack",

@@ -37,17 +37,26 @@ __all__ = ["hif8_encode", "hif8_decode", "hif8_round", "hif8_quantize", "hif8_am
 
 HIF8_MAX = 32768.0  # largest finite value, 2^15
 HIF8_NAN_CODE = 0x80
-HIF8_POS_INF_CODE = 0x6F
-HIF8_NEG_INF_CODE = 0xEF
 AMAX_FLOOR = 1e-8  # amax is clamped to this (as fp32) before the scale is formed
 
 # dtypes the compiled backends take natively; other float dtypes (float8 variants) widen exactly to fp32
 _NATIVE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_GRANULARITIES = ("tensor", "row")
+GRANULARITIES = ("tensor", "row")  # per tensor, or per last-dim row (= output channel of a weight)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # argument checks shared by every backend
+
+
+def _tensor_arg(t: object, op: str, arg: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+# fp32 rounding limits of a Python float: at or below 2^-150 it rounds to 0, at or above 2^128 - 2^103 to inf
+_F32_ROUNDS_TO_ZERO = 2.0**-150
+_F32_ROUNDS_TO_INF = 2.0**128 - 2.0**103
 
 
 def _check_float(x: object, op: str, arg: str = "x") -> torch.Tensor:
@@ -67,7 +76,7 @@ def _check_scale_max(scale_max: object, op: str) -> float:
     v = float(scale_max)
     if not math.isfinite(v) or v <= 0.0:
         raise ValueError(f"{op}: scale_max must be finite and > 0, got {scale_max!r}")
-    if float(torch.tensor(v, dtype=torch.float32)) == 0.0 or not math.isfinite(float(torch.tensor(v, dtype=torch.float32))):
+    if v <= _F32_ROUNDS_TO_ZERO or v >= _F32_ROUNDS_TO_INF:  # pure Python: no tensor, traceable
         raise ValueError(f"{op}: scale_max must be representable in float32 (1.2e-38 .. 3.4e38), got {scale_max!r}")
     return v
 
@@ -137,8 +146,8 @@ def hif8_quantize(
     dtype = x.dtype if isinstance(x, torch.Tensor) else None
     xn = _check_float(x, "hif8_quantize")
     sm = _check_scale_max(scale_max, "hif8_quantize")
-    if granularity not in _GRANULARITIES:
-        raise ValueError(f"hif8_quantize: granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"hif8_quantize: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "row" and xn.dim() == 0:
         raise ValueError("hif8_quantize: granularity='row' needs x with at least one dimension, got a 0-d tensor")
     if amax is not None:
@@ -184,8 +193,8 @@ def hif8_amax(x: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
         True
     """
     xn = _check_float(x, "hif8_amax")
-    if granularity not in _GRANULARITIES:
-        raise ValueError(f"hif8_amax: granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"hif8_amax: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     # max commutes with the monotone cast to fp32, so float64 is reduced first and cast after (vector_norm
     # refuses a narrowing dtype=); narrower dtypes are widened inside the reduction kernel.
     kw = {} if xn.dtype == torch.float64 else {"dtype": torch.float32}

@@ -6,7 +6,7 @@ a mask).  ``extra_info`` carries TFLOP/s with FLOPs = 4*B*S^2*H*D forward and 2.
 for forward + backward), the utilisation of the device's dense bf16 peak, and the speed-up over SDPA.
 The masked cases pad 7% of the keys at the end, like Skiparse's padded 720p grids.
 
-    python -m pytest bench/bench_attention_kernel.py --benchmark-json=bench/results/attention-h100.json
+    python -m pytest bench/bench_attention.py --benchmark-json=bench/results/attention-h100.json
 """
 
 import pytest

@@ -5,13 +5,14 @@ sequence-parallel (SP) group of a data-parallel replica is its S*U ranks; its Sk
 S ranks, its Ulysses group (fixed s) U ranks.  Everything comes from torchrun's standard environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
-    >>> from ospfn.dist import ParallelConfig
+    >>> from ospfn.parallel import ParallelConfig
     >>> ParallelConfig(skiparse_sp=2, ulysses_sp=1).sp_size
     2
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -67,6 +68,19 @@ class ParallelState:
     @property
     def sp_size(self) -> int:
         return self.config.sp_size
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "ParallelState":
+        """The trivial mesh of one process (no groups): the model's single-process path."""
+        return cls(ParallelConfig(), 1, 0, 1, 0, None, 0, None, 0, None, 0, torch.device(device))
+
+    def tag(self, tag: str):
+        """``comm_tag(tag)`` on a real mesh; nothing on the trivial one (no collectives to label)."""
+        if self.sp_size == 1:
+            return contextlib.nullcontext()
+        from ospfn.parallel.comm import comm_tag
+
+        return comm_tag(tag)
 
 
 def init_parallel(config: ParallelConfig, *, backend: Optional[str] = None, device: Optional[str] = None) -> ParallelState:

@@ -3,7 +3,7 @@
 Every collective ospfn issues goes through this module, so ``comm_stats()`` can count calls and bytes per
 collective kind (and per tag, e.g. the block that issued it): volume claims are measured, not asserted.
 
-    >>> from ospfn.dist import comm_stats
+    >>> from ospfn.parallel import comm_stats
     >>> with comm_stats() as st:                 # doctest: +SKIP
     ...     forward(params, cfg, x, t, ctx, parallel=state)
     >>> st.calls("ssp"), st.bytes("ulysses")      # doctest: +SKIP
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommStats", "comm_stats", "comm_tag", "all_to_all", "all_gather_seq"]
+__all__ = ["CommStats", "comm_stats", "comm_tag", "all_to_all", "all_gather_seq", "all_reduce_max", "replicated_grad"]
 
 _active: list["CommStats"] = []
 _tag: contextvars.ContextVar[str] = contextvars.ContextVar("ospfn_comm_tag", default="")
@@ -139,6 +139,16 @@ class _AllGatherSeq(torch.autograd.Function):
 def all_gather_seq(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate equal shards along ``dim`` from every rank of ``group`` (differentiable, see backward)."""
     return _AllGatherSeq.apply(x, dim, group)
+
+
+def all_reduce_max(x: torch.Tensor, group, kind: str = "all_reduce_max") -> torch.Tensor:
+    """The element-wise MAX of ``x`` over ``group`` (a new tensor; not differentiable), accounted as ``kind``
+    (the HiF8 quantisers use ``"amax"``)."""
+    out = x.detach().clone()
+    nbytes = out.numel() * out.element_size()
+    _record(kind, nbytes, nbytes)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
 
 
 class _ReplicatedGrad(torch.autograd.Function):

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ospfn.backends import register, select, set_auto_order
+from ospfn.backends import Constraint, dispatch, register, set_auto_order
 
 __all__ = ["attention"]
 
@@ -76,7 +76,7 @@ def attention(
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{fn}: scale must be a finite number > 0 or None, got {scale!r}")
-    return select("attention", backend, q.device)(q, k, v, key_mask, float(scale))
+    return dispatch("attention", backend, q, k, v, key_mask, float(scale))
 
 
 def _ref_attention(q, k, v, key_mask, scale):
@@ -109,5 +109,14 @@ def _sdpa_attention(q, k, v, key_mask, scale):
 
 register("attention", "ref", _ref_attention)
 register("attention", "torch", _sdpa_attention)
-register("attention", "triton", "ospfn.kernels.attention:attention")
+_TRITON_HEAD_DIM = 128  # kernels/attention.py MAX_HEAD_DIM: one tile of the head dim in registers
+register(
+    "attention",
+    "triton",
+    "ospfn.kernels.attention:attention",
+    constraints=(
+        Constraint("float16, bfloat16 or float32 q/k/v", lambda q, *_: None if q.dtype in _FLOATS[:3] else f"dtype {q.dtype}"),
+        Constraint(f"head dim <= {_TRITON_HEAD_DIM}", lambda q, *_: None if q.shape[-1] <= _TRITON_HEAD_DIM else f"head dim {q.shape[-1]}"),
+    ),
+)
 set_auto_order("attention", {"cpu": ("torch", "ref"), "cuda": ("torch", "triton", "ref"), "npu": ("npu", "torch", "ref")})

@@ -7,10 +7,10 @@
 * ``comm_stats()``: calls and bytes per collective kind, so the 4 -> 1 claim is measured.
 """
 
-from ospfn.dist.comm import CommStats, all_gather_seq, all_to_all, comm_stats, comm_tag
-from ospfn.dist.layout import layout_ids, local_rows_of, relayout
-from ospfn.dist.mesh import ParallelConfig, ParallelState, check_model_parallel, init_parallel
-from ospfn.dist.ulysses import ulysses_attention
+from ospfn.parallel.comm import CommStats, all_gather_seq, all_reduce_max, all_to_all, comm_stats, comm_tag, replicated_grad
+from ospfn.parallel.layout import layout_ids, local_rows_of, relayout
+from ospfn.parallel.mesh import ParallelConfig, ParallelState, check_model_parallel, init_parallel
+from ospfn.parallel.ulysses import ulysses_attention
 
 __all__ = [
     "ParallelConfig",
@@ -22,6 +22,8 @@ __all__ = [
     "CommStats",
     "all_to_all",
     "all_gather_seq",
+    "all_reduce_max",
+    "replicated_grad",
     "relayout",
     "layout_ids",
     "local_rows_of",

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ospfn.dist.comm import all_to_all
+from ospfn.parallel.comm import all_to_all
 
 __all__ = ["ulysses_attention"]
 

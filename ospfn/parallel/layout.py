@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ospfn.dist.comm import _a2a
+from ospfn.parallel.comm import _a2a
 
 __all__ = ["layout_ids", "relayout", "local_rows_of", "to_token_major", "from_token_major"]
 
@@ -153,9 +153,18 @@ def from_token_major(x: torch.Tensor, kind: str, G: int) -> torch.Tensor:
 
 def relayout(x: torch.Tensor, grid, P: int, src: str, dst: str, state, *, batch: int) -> torch.Tensor:
     """Move the local stream of ``state``'s SP rank from layout ``src`` to ``dst`` with at most one
-    all-to-all over the SP group (none when every row stays on its rank)."""
+    all-to-all over the SP group (none when every row stays on its rank).  On the trivial mesh of one
+    process this is the local Skiparse fold / switch / unfold."""
     if src == dst:
         return x
+    if state.sp_size == 1:
+        from ospfn.ops.skiparse import skiparse_fold, skiparse_switch, skiparse_unfold
+
+        if src == "full":
+            return skiparse_fold(x, grid, P, dst)
+        if dst == "full":
+            return skiparse_unfold(x, grid, P, src)
+        return skiparse_switch(x, grid, P)
     S, U = state.S, state.U
     kind = "ssp_switch" if {src, dst} == {"token", "group"} else ("ssp_enter" if src == "full" else "ssp_leave")
     xt = to_token_major(x, src, batch)

@@ -1,12 +1,7 @@
-"""HiF8 linear layers (spec-hif8.md sections 3 and 4).
+"""HiF8 weights stored in 8 bits and the W8A16 matmul over them (docs/hif8.md, "Real 8-bit weights").
 
-* :func:`hif8_linear` -- the straight-through fake-quant linear OSP-Next trains with:
-  ``y = Q15(x) @ Q15(W)^T + b``; backward ``g_q = Q224(g)``, ``dX = g_q @ Q15(W)``, ``dW = g_q^T @ Q15(x)``,
-  ``db = sum(g_q)``, where ``Q_M`` is :func:`ospfn.ops.hif8_quantize` with ``scale_max = M`` (per tensor).
-  Optionally the amax of x and g is all-reduced (MAX) over a process group, so that sequence-parallel ranks
-  quantise with one scale.
-* :class:`HiF8Tensor` / :func:`hif8_pack` / :func:`hif8_unpack` -- weights stored for real in 8 bits: uint8
-  codes plus fp32 scale(s) per tensor or per output channel.
+* :class:`HiF8Tensor` / :func:`hif8_pack` / :func:`hif8_unpack` -- uint8 codes plus fp32 scale(s) per tensor
+  or per row (output channel).
 * :func:`hif8_matmul` -- ``x @ W_q^T + b`` straight from the packed codes (W8A16: the Triton kernel decodes the
   codes in registers and multiplies in the activation dtype with fp32 accumulation; ``ref`` / ``cpp`` decode
   blocks of rows through the 256-entry table and call torch matmul in fp32).
@@ -14,186 +9,27 @@
 Example::
 
     >>> import torch
-    >>> from ospfn.ops.hif8_gemm import hif8_linear, hif8_pack, hif8_matmul
-    >>> x = torch.tensor([[1.0, -2.0, 0.5]], requires_grad=True)
-    >>> w = torch.tensor([[0.3, 0.2, -1.0], [2.0, 0.0, 0.7]], requires_grad=True)
-    >>> y = hif8_linear(x, w)  # s = 15 / 2: x is on the grid; 0.7 * 7.5 = 5.25 rounds to 5.5
-    >>> y.detach()
-    tensor([[-0.6000,  2.3667]])
-    >>> y.sum().backward()
-    >>> x.grad  # Q224 of the ones gradient is exact, then ones @ Q15(w)
-    tensor([[ 2.3000,  0.2000, -0.2667]])
-    >>> p = hif8_pack(w.detach())
+    >>> from ospfn.ops import hif8_pack, hif8_matmul
+    >>> w = torch.tensor([[0.3, 0.2, -1.0], [2.0, 0.0, 0.7]])
+    >>> p = hif8_pack(w)
     >>> p.codes.dtype, p.nbytes  # 6 one-byte codes + one fp32 scale
     (torch.uint8, 10)
-    >>> hif8_matmul(x.detach(), p)
+    >>> hif8_matmul(torch.tensor([[1.0, -2.0, 0.5]]), p)
     tensor([[-0.6000,  2.3667]])
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ospfn.backends import register, select
-from ospfn.ops.hif8 import (
-    AMAX_FLOOR,
-    _check_scale_max,
-    _decode_table,
-    hif8_amax,
-    hif8_decode,
-    hif8_encode,
-    hif8_quantize,
-)
+from ospfn.ops.hif8 import GRANULARITIES, _check_scale_max, _decode_table, _tensor_arg, hif8_amax, hif8_decode, hif8_encode, AMAX_FLOOR
 
-__all__ = ["hif8_linear", "HiF8LinearFunction", "HiF8Tensor", "hif8_pack", "hif8_unpack", "hif8_matmul"]
+__all__ = ["HiF8Tensor", "hif8_pack", "hif8_unpack", "hif8_matmul"]
 
-_LINEAR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MATMUL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PACK_GRANULARITIES = ("tensor", "channel")
-
-
-def _tensor_arg(t: object, op: str, arg: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-# ----------------------------------------------------------------------------------------------------------
-# straight-through fake-quant linear
-
-
-def _quantize(t: torch.Tensor, scale_max: float, group, backend: str | None) -> torch.Tensor:
-    """Per-tensor Q_M(t); with a process group the amax is the MAX over the group (stays on device)."""
-    if group is None:
-        return hif8_quantize(t, scale_max, backend=backend)
-    import torch.distributed as dist
-
-    amax = hif8_amax(t)
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    return hif8_quantize(t, scale_max, amax=amax, backend=backend)
-
-
-class HiF8LinearFunction(torch.autograd.Function):
-    """The autograd Function behind :func:`hif8_linear` (arguments already validated).
-
-    Saved for backward: ``Q15(x)`` (only if W needs a gradient; it takes the place of the ``x`` that
-    ``nn.Linear`` saves, same bytes) and the weight ``W`` itself (only if x needs a gradient).  ``Q15(W)`` is
-    recomputed in backward -- one elementwise pass over W, bit-identical to the forward one since the amax of
-    W is a max and does not depend on reduction order -- instead of being kept alive from forward to backward:
-    a saved ``Q15(W)`` would be a new weight-sized tensor per layer (for a 14B DiT, the whole model again in
-    activation memory), and under FSDP it would pin the unsharded weight that FSDP frees after forward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale_max_fwd, scale_max_bwd, group, backend):
-        xq = _quantize(x, scale_max_fwd, group, backend)
-        wq = hif8_quantize(weight, scale_max_fwd, backend=backend)
-        with torch.autocast(x.device.type, enabled=False):  # the result dtype is x's dtype, always
-            y = torch.nn.functional.linear(xq, wq, bias)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(xq if need_w else None, weight if need_x else None)
-        ctx.cfg = (scale_max_fwd, scale_max_bwd, group, backend)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        xq, weight = ctx.saved_tensors
-        smf, smb, group, backend = ctx.cfg
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gq = _quantize(g, smb, group, backend)
-        dx = dw = db = None
-        if need_x:
-            dx = torch.matmul(gq, hif8_quantize(weight, smf, backend=backend))
-        if need_w or need_b:
-            g2 = gq.reshape(-1, gq.shape[-1])
-            if need_w:
-                dw = g2.t().mm(xq.reshape(-1, xq.shape[-1]))
-            if need_b:
-                db = g2.sum(0)
-        return dx, dw, db, None, None, None, None
-
-
-def hif8_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    scale_max_fwd: float = 15.0,
-    scale_max_bwd: float = 224.0,
-    amax_group=None,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """HiF8 fake-quant linear with a straight-through backward (spec-hif8.md section 3).
-
-    Forward ``y = Q(x) @ Q(W)^T + b`` with ``Q = hif8_quantize(., scale_max_fwd)`` (per-tensor dynamic scale);
-    backward ``g_q = hif8_quantize(g, scale_max_bwd)``, ``dX = g_q @ Q(W)``, ``dW = g_q^T @ Q(x)`` (leading dims
-    of x flattened), ``db = g_q`` summed over all leading dims.  The quantisers are treated as identity for
-    the gradient (straight-through): no mask, no clipping.
-
-    Shapes: ``x`` [..., K], ``weight`` [N, K], ``bias`` [N] -> ``y`` [..., N].  x, weight and bias must share
-    one dtype (float32, float64, float16 or bfloat16) and device; the matmuls run in that dtype, exactly like
-    ``torch.nn.functional.linear`` (bf16 inputs: bf16 matmul with fp32 accumulation; the quantised operands
-    are computed in fp32 and rounded once to the dtype).  No host synchronisation: amax and scales stay on
-    the device.  Not autocast-aware: under ``torch.autocast`` it still runs (and returns) in x's dtype, so
-    that forward and straight-through backward see the same quantised operands; cast to bf16 beforehand.
-
-    ``amax_group``: a ``torch.distributed`` process group (e.g. the sequence-parallel group).  When given, the
-    amax of x (forward) and of g (backward) is all-reduced with MAX over the group before the scale is formed,
-    so ranks that each hold a slice of the tokens quantise exactly as one process holding all tokens would.
-    The weight's amax is not reduced (it is replicated).  Every rank of the group must call the op, in the
-    same order, forward and backward.  ``backend`` selects the :func:`hif8_quantize` backend.
-
-    Example::
-
-        >>> x = torch.randn(2, 5, 8, requires_grad=True)
-        >>> w = torch.randn(4, 8, requires_grad=True)
-        >>> y = hif8_linear(x, w)
-        >>> y.shape
-        torch.Size([2, 5, 4])
-        >>> y.backward(torch.ones_like(y)); x.grad.shape, w.grad.shape
-        (torch.Size([2, 5, 8]), torch.Size([4, 8]))
-    """
-    op = "hif8_linear"
-    x = _tensor_arg(x, op, "x")
-    weight = _tensor_arg(weight, op, "weight")
-    if x.dtype not in _LINEAR_DTYPES:
-        raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have shape [..., K] (at least 1 dimension), got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must have shape [N, K] (2 dimensions), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(
-            f"{op}: weight.shape[1] must equal x.shape[-1] (K), got weight {tuple(weight.shape)} and x {tuple(x.shape)}"
-        )
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight dtype must equal x dtype {x.dtype}, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"{op}: weight must be on x's device {x.device}, got {weight.device}")
-    if bias is not None:
-        bias = _tensor_arg(bias, op, "bias")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) (N), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: bias dtype must equal x dtype {x.dtype}, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"{op}: bias must be on x's device {x.device}, got {bias.device}")
-    smf = _check_scale_max(scale_max_fwd, op)
-    smb = _check_scale_max(scale_max_bwd, op)
-    if amax_group is not None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(f"{op}: amax_group was given but torch.distributed is not initialised")
-        if not isinstance(amax_group, dist.ProcessGroup):
-            raise TypeError(
-                f"{op}: amax_group must be a torch.distributed.ProcessGroup or None, got {type(amax_group).__name__}"
-            )
-    return HiF8LinearFunction.apply(x, weight, bias, smf, smb, amax_group, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,17 +42,17 @@ class HiF8Tensor:
 
     Fields:
 
-    * ``codes``: uint8 [N, K], ``hif8_encode(W * s)`` (per-channel: row n uses ``s[n]``);
-    * ``scale``: float32, shape ``()`` (granularity ``"tensor"``) or ``(N,)`` (``"channel"``):
+    * ``codes``: uint8 [N, K], ``hif8_encode(W * s)`` (per row: row n, output channel n, uses ``s[n]``);
+    * ``scale``: float32, shape ``()`` (granularity ``"tensor"``) or ``(N,)`` (``"row"``):
       ``s = scale_max / max(amax, 1e-8)`` with ``amax = max|W|`` (per tensor or per row), exactly the scale of
       :func:`ospfn.ops.hif8_quantize` (granularity ``"tensor"`` / ``"row"``);
-    * ``granularity``: ``"tensor"`` or ``"channel"``;
+    * ``granularity``: ``"tensor"`` or ``"row"`` (the word :func:`hif8_quantize` and :func:`hif8_amax` use);
     * ``dtype``: the dtype of the weight it was packed from (the default of :meth:`dequantize`);
     * ``scale_max``: 15 unless packed otherwise.
 
-    Dequantisation: ``W_q = decode(codes) / s`` in fp32 (division correctly rounded, per row for "channel"),
+    Dequantisation: ``W_q = decode(codes) / s`` in fp32 (division correctly rounded, per row for "row"),
     then rounded once to the target dtype.  ``W_q`` in the packed-from dtype is bit for bit
-    ``hif8_quantize(W, scale_max, granularity="tensor" | "row")``.
+    ``hif8_quantize(W, scale_max, granularity=granularity)``.
     """
 
     codes: torch.Tensor
@@ -229,8 +65,8 @@ class HiF8Tensor:
         c, s = self.codes, self.scale
         if not isinstance(c, torch.Tensor) or c.dtype != torch.uint8 or c.dim() != 2:
             raise TypeError(f"HiF8Tensor: codes must be a 2-D uint8 tensor [N, K], got {_describe(c)}")
-        if self.granularity not in _PACK_GRANULARITIES:
-            raise ValueError(f"HiF8Tensor: granularity must be one of {_PACK_GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"HiF8Tensor: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         want = () if self.granularity == "tensor" else (c.shape[0],)
         if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != want:
             raise TypeError(f"HiF8Tensor: scale must be a float32 tensor of shape {want}, got {_describe(s)}")
@@ -284,14 +120,14 @@ def hif8_pack(
 ) -> HiF8Tensor:
     """Store a weight [N, K] as HiF8 codes (1 byte per element) plus fp32 scale(s).
 
-    ``granularity="tensor"``: one scale ``s = scale_max / max(max|W|, 1e-8)``; ``"channel"``: one per output
-    channel (row of W).  ``codes = hif8_encode(W * s)`` computed in fp32, so ``hif8_pack(W).dequantize()``
-    equals ``hif8_quantize(W, scale_max)`` bit for bit ("channel": ``granularity="row"``).  No host sync.
+    ``granularity="tensor"``: one scale ``s = scale_max / max(max|W|, 1e-8)``; ``"row"``: one per row of W
+    (output channel).  ``codes = hif8_encode(W * s)`` computed in fp32, so ``hif8_pack(W).dequantize()``
+    equals ``hif8_quantize(W, scale_max)`` bit for bit (with the same ``granularity``).  No host sync.
 
     Example::
 
         >>> w = torch.tensor([[0.5, -1.0], [3.0, 0.25]])
-        >>> p = hif8_pack(w, granularity="channel")
+        >>> p = hif8_pack(w, granularity="row")
         >>> p.scale.tolist(), [hex(c) for c in p.codes.flatten().tolist()]
         ([15.0, 5.0], ['0x27', '0xaf', '0x2f', '0xa'])
         >>> p.dequantize().tolist()
@@ -303,8 +139,8 @@ def hif8_pack(
         raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight must have shape [N, K] (2 dimensions), got shape {tuple(weight.shape)}")
-    if granularity not in _PACK_GRANULARITIES:
-        raise ValueError(f"{op}: granularity must be one of {_PACK_GRANULARITIES}, got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{op}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     sm = _check_scale_max(scale_max, op)
     w = weight.detach()
     amax = hif8_amax(w, "tensor" if granularity == "tensor" else "row")  # () or [N, 1]
@@ -328,23 +164,31 @@ def hif8_unpack(packed: HiF8Tensor, dtype: torch.dtype | None = None) -> torch.T
 
 
 class _HiF8MatmulFunction(torch.autograd.Function):
-    """Forward through the selected backend; backward for x and bias (the packed weight is frozen)."""
+    """Forward through the selected backend; backward for x and bias (the packed weight is frozen).
+
+    ``impl`` (the matmul) and ``decode`` (the backend's ``hif8_decode``) are chosen by the caller, outside the
+    Function, so that neither direction dispatches through the backend registry: under ``torch.compile`` both
+    are traced into the graph without side effects.
+    """
 
     @staticmethod
-    def forward(ctx, x2, bias, packed, impl):
-        ctx.packed = packed
-        return impl(x2, packed.codes, packed.scale, bias)
+    def forward(ctx, x2, bias, codes, scale, impl, decode):
+        ctx.save_for_backward(codes, scale)
+        ctx.decode = decode
+        return impl(x2, codes, scale, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         dx = db = None
         if ctx.needs_input_grad[0]:
-            w = ctx.packed.dequantize(torch.float32)
+            codes, scale = ctx.saved_tensors
+            s = scale if scale.dim() == 0 else scale[:, None]
+            w = ctx.decode(codes, torch.float32).div(s)  # W_q = decode(codes) / s in fp32, as dequantize()
             dx = g.to(torch.float32).mm(w).to(g.dtype)
         if ctx.needs_input_grad[1]:
             db = g.sum(0)
-        return dx, db, None, None
+        return dx, db, None, None, None, None
 
 
 def hif8_matmul(
@@ -360,8 +204,7 @@ def hif8_matmul(
     ``bias`` [N] (any float dtype, added in fp32) -> ``y`` [..., N] in x's dtype.  ``W_q = decode(codes) / s``
     is never formed: the codes are decoded (exactly) into the activation dtype, multiplied with fp32
     accumulation, the scale is divided out per tensor / per output channel in the epilogue and the bias added
-    there; the result is rounded once to x's dtype.  It equals ``x @ hif8_quantize(W, 15)^T + b`` (channel:
-    ``granularity="row"``) up to fp32 summation order.
+    there; the result is rounded once to x's dtype.  It equals ``x @ hif8_quantize(W, 15)^T + b`` (with the same granularity) up to fp32 summation order.
 
     Backends: ``triton`` (CUDA; W8A16 kernel, autotuned), ``ref`` (any device: blocks of rows decoded through
     the 256-entry table into fp32, torch matmul in fp32, so the fp32 weight never exists in full) and ``cpp``
@@ -372,7 +215,7 @@ def hif8_matmul(
 
         >>> w = torch.tensor([[1.0, 2.0, 3.0], [0.5, -0.5, 0.25]])
         >>> x = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
-        >>> hif8_matmul(x, hif8_pack(w, granularity="channel"), torch.tensor([0.0, 1.0]))
+        >>> hif8_matmul(x, hif8_pack(w, granularity="row"), torch.tensor([0.0, 1.0]))
         tensor([[ 6.0000,  1.2500],
                 [-1.0000,  1.7500]])
     """
@@ -399,7 +242,8 @@ def hif8_matmul(
             raise ValueError(f"{op}: bias must be on x's device {x.device}, got {bias.device}")
     impl = select(op, backend, x.device)
     x2 = x.reshape(-1, K)  # a view whenever x's layout allows; the kernels take strides
-    y = _HiF8MatmulFunction.apply(x2, bias, packed, impl)
+    decode = select("hif8_decode", backend, x.device)
+    y = _HiF8MatmulFunction.apply(x2, bias, packed.codes, packed.scale, impl, decode)
     return y.reshape(*x.shape[:-1], N)
 
 
