@@ -38,10 +38,8 @@ def main(argv=None) -> int:
         print("error: --num must be >= 1", file=sys.stderr)
         return 2
 
-    import torch
-
     from ospfn.data import SyntheticMotion
-    from ospfn.data.synthetic import caption_direction, motion_direction, track_object
+    from ospfn.eval import caption_direction, motion_direction, track_object
     from ospfn.pipeline import BUNDLED, load_pipeline
 
     pipe = load_pipeline(args.checkpoint or BUNDLED)
@@ -59,7 +57,7 @@ def main(argv=None) -> int:
         got = motion_direction(cent)
         want = caption_direction(item["caption"])
         rows.append({"index": i, "caption": item["caption"], "psnr": psnr, "direction": got, "expected": want,
-                     "direction_ok": got == want, "present_fraction": float(present.float().mean()) if torch.is_tensor(present) else float(sum(present)) / len(present)})  # fmt: skip
+                     "direction_ok": got == want, "present_fraction": float(present.float().mean())})  # fmt: skip
     n = len(rows)
     summary = {
         "examples": n,

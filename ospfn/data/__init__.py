@@ -1,21 +1,25 @@
-"""Datasets: deterministic synthetic motion clips (:mod:`ospfn.data.synthetic`) and real OSP-Next video corpora
-(:mod:`ospfn.data.video`, decoded with decord, which is imported only when a video is opened)."""
+"""Datasets: deterministic synthetic motion clips (:mod:`ospfn.data.synthetic`) and real OSP-Next video corpora.
 
-from ospfn.data.synthetic import (
-    SyntheticMotion,
-    caption_direction,
-    motion_direction,
-    track_object,
-)
-from ospfn.data.video import ClipEntry, VideoDataset, filter_clips, load_index
+Real corpora: :mod:`ospfn.data.index` (index / meta JSON parsing, :class:`ClipEntry`, the clip filter),
+:mod:`ospfn.data.sampling` (frame resampling to the training frame rate), :mod:`ospfn.data.buckets`
+(aspect-ratio buckets) and :mod:`ospfn.data.video` (:class:`VideoDataset`, decoded with decord, which is imported
+only when a video is opened).  Scoring generated videos is in :mod:`ospfn.eval`.
+"""
+
+from ospfn.data.buckets import choose_bucket
+from ospfn.data.index import FILTER_REASONS, ClipEntry, filter_clips, load_index
+from ospfn.data.sampling import resample_offsets, source_frames_needed
+from ospfn.data.synthetic import SyntheticMotion
+from ospfn.data.video import VideoDataset
 
 __all__ = [
     "SyntheticMotion",
-    "track_object",
-    "motion_direction",
-    "caption_direction",
     "ClipEntry",
     "load_index",
     "filter_clips",
+    "FILTER_REASONS",
     "VideoDataset",
+    "resample_offsets",
+    "source_frames_needed",
+    "choose_bucket",
 ]

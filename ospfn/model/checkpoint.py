@@ -23,7 +23,7 @@ import re
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -124,7 +124,6 @@ def convert_state_dict(sd: dict, src: str, dst: str) -> dict:
     for name, v in (("src", src), ("dst", dst)):
         if v not in FORMATS:
             raise ValueError(f"convert_state_dict: {name} must be one of {FORMATS}, got {v!r}")
-    wan_like = {"wan", "osp-next", "flashi2v"}
     items = {(_strip_wrappers(k) if src == "osp-next" else k): v for k, v in sd.items()}
     if src == "diffusers":
         items = {_DIFFUSERS_ALIASES.get(k, k): v for k, v in items.items()}

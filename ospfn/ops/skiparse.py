@@ -42,6 +42,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from ospfn.backends import register, select
 
@@ -266,38 +267,30 @@ def _ref_fold(x: torch.Tensor, lay: SkiparseLayout, kind: str, fill=0) -> torch.
 
 def fold_padded_grid(g: torch.Tensor, lay: SkiparseLayout, kind: str) -> torch.Tensor:
     """Fold an already padded grid [B, T, Hp, Wp, C] into the ``kind`` layout [P^2 B, N_pad / P^2, C]."""
-    B, C = g.shape[0], g.shape[-1]
-    T, P, Hp, Wp = lay.T, lay.P, lay.Hp, lay.Wp
-    if kind == "token":
-        # (b, t, h'', p, w'', q, c) -> (p, q, b, t, h'', w'', c)
-        g = g.reshape(B, T, Hp // P, P, Wp // P, P, C).permute(3, 5, 0, 1, 2, 4, 6)
-    else:
-        # (b, t, a, p1, p2, a', q1, q2, c) -> (p1, q1, b, t, a, p2, a', q2, c)
-        g = g.reshape(B, T, Hp // (P * P), P, P, Wp // (P * P), P, P, C).permute(3, 6, 0, 1, 2, 4, 5, 7, 8)
-    return g.reshape(P * P * B, lay.seq, C)
+    P = lay.P
+    if kind == "token":  # sub-sequence = the lowest digits (p, q) of (h, w)
+        return rearrange(g, "b t (h p) (w q) c -> (p q b) (t h w) c", p=P, q=P)
+    # group: sub-sequence = the middle digits (p1, q1) of (h, w)
+    return rearrange(g, "b t (h p1 p2) (w q1 q2) c -> (p1 q1 b) (t h p2 w q2) c", p1=P, p2=P, q1=P, q2=P)
 
 
 def _ref_unfold(y: torch.Tensor, lay: SkiparseLayout, kind: str) -> torch.Tensor:
-    PB, _, C = y.shape
-    T, P, Hp, Wp = lay.T, lay.P, lay.Hp, lay.Wp
-    B = PB // (P * P)
+    P, T = lay.P, lay.T
     if kind == "token":
-        g = y.reshape(P, P, B, T, Hp // P, Wp // P, C).permute(2, 3, 4, 0, 5, 1, 6)
+        g = rearrange(y, "(p q b) (t h w) c -> b t (h p) (w q) c", p=P, q=P, t=T, h=lay.Hp // P)
     else:
-        g = y.reshape(P, P, B, T, Hp // (P * P), P, Wp // (P * P), P, C).permute(2, 3, 4, 0, 5, 6, 1, 7, 8)
-    g = g.reshape(B, T, Hp, Wp, C)
+        g = rearrange(y, "(p1 q1 b) (t h p2 w q2) c -> b t (h p1 p2) (w q1 q2) c",
+                      p1=P, q1=P, t=T, h=lay.Hp // (P * P), p2=P, q2=P)  # fmt: skip
     if lay.padded:
         g = g[:, :, : lay.H, : lay.W]
-    return g.reshape(B, lay.n, C)
+    return rearrange(g, "b t h w c -> b (t h w) c")
 
 
 def _ref_switch(y: torch.Tensor, lay: SkiparseLayout) -> torch.Tensor:
-    # token: batch (c, c', b), sequence (t, a, b_, a', b_')  <->  group: batch (b_, b_', b), sequence (t, a, c, a', c')
-    PB, _, C = y.shape
-    T, P, Hp, Wp = lay.T, lay.P, lay.Hp, lay.Wp
-    B = PB // (P * P)
-    g = y.reshape(P, P, B, T, Hp // (P * P), P, Wp // (P * P), P, C)
-    return g.permute(5, 7, 2, 3, 4, 0, 6, 1, 8).reshape(PB, lay.seq, C)
+    # token (p2 q2 b) (t h p1 w q1)  <->  group (p1 q1 b) (t h p2 w q2): the same pattern both ways
+    P = lay.P
+    return rearrange(y, "(p2 q2 b) (t h p1 w q1) c -> (p1 q1 b) (t h p2 w q2) c",
+                     p2=P, q2=P, t=lay.T, h=lay.Hp // (P * P), p1=P, q1=P)  # fmt: skip
 
 
 register("skiparse_fold", "ref", _ref_fold)
