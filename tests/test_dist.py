@@ -144,8 +144,12 @@ def test_heads_not_dividing_ulysses_are_padded():
 
 def test_hif8_model_under_sp_quantises_like_one_process():
     results = run_ranks(_ranks_model, 2, [(1, 2), (2, 1)], 4, True)
+    layers = _tiny()[0].num_layers
     for r in results[0] + results[1]:
         assert r["err_out"] < 1e-5 and r["err_grad"] < 1e-4, r
+        # the amax all-reduces are accounted collectives: per block 10 Linears (q k v o, cross q k v o, ffn 0 2)
+        # and the q, k, v of attention quantisation, one fp32 scalar each, in the forward
+        assert r["comm"]["amax"] == {"calls": 13 * layers, "bytes": 4 * 13 * layers, "bytes_to_others": 4 * 13 * layers}, r["comm"]
 
 
 def test_accounting_ssp_is_a_quarter_of_ulysses_per_sparse_block():

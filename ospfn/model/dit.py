@@ -20,7 +20,6 @@ the P^2 slots instead of being materialised P^2 times (an improvement over the r
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
