@@ -35,7 +35,6 @@ op, before dispatch; implementations do not re-validate.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import logging
@@ -131,10 +130,15 @@ def _probe(name: str) -> BackendInfo:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
-@functools.lru_cache(maxsize=None)
+_info_cache: dict[str, BackendInfo] = {}
+
+
 def info(name: str) -> BackendInfo:
     """Availability of one backend on this machine (cached; see ``refresh``)."""
-    return _probe(name)
+    st = _info_cache.get(name)  # a plain dict, not lru_cache: torch.compile traces through it without a warning
+    if st is None:
+        st = _info_cache[name] = _probe(name)
+    return st
 
 
 def available() -> list[str]:
@@ -145,7 +149,7 @@ def available() -> list[str]:
 def refresh() -> None:
     """Forget cached probes, plans and fallback notices and re-read ``OSPFN_BACKEND`` (after changing
     TRITON_INTERPRET or the variable, building _C, ...)."""
-    info.cache_clear()
+    _info_cache.clear()
     _warned.clear()
     _lazy_cache.clear()
     _plans.clear()
