@@ -24,6 +24,14 @@ Backward (FlashAttention-2 style, deterministic, no atomics)
        (key blocks that are entirely masked skip the loop and write zeros);
     3. one program per query block: loops over all key blocks, accumulates dQ in registers.
 
+torch.compile
+    Forward and backward are the custom ops ``torch.ops.ospfn_triton.attention_fwd`` (returns ``out`` and the
+    LSE) and ``attention_bwd``, with fake implementations; the forward op's autograd formula calls the backward
+    op, so dynamo / AOTAutograd trace training steps through the kernels without a graph break.
+
+Arguments are validated by ``ospfn.ops.attention`` and the backend registry (dtype, ``D <= MAX_HEAD_DIM``,
+device), not here.
+
 Example (CPU under ``TRITON_INTERPRET=1``, or CUDA tensors on a GPU)::
 
     >>> import torch
@@ -38,16 +46,17 @@ Example (CPU under ``TRITON_INTERPRET=1``, or CUDA tensors on a GPU)::
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ospfn.backends import interpreting
+from ospfn.kernels.common import interpreting
 
-__all__ = ["attention", "AttentionFunction", "attention_forward", "attention_backward", "MAX_HEAD_DIM"]
+__all__ = ["attention", "attention_forward", "attention_backward", "attention_fwd_op", "attention_bwd_op", "MAX_HEAD_DIM"]
 
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 128  # the largest head dim the kernels take (the backend registry enforces it; nothing here checks)
 LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,37 +433,6 @@ def _mask_arg(key_mask: torch.Tensor | None, like: torch.Tensor):
     return km, km.stride(0), km.stride(1)
 
 
-def _check(q, k, v, key_mask, scale) -> None:
-    name = "ospfn.kernels.attention.attention"
-    for n, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: {n} must be a 4-d tensor [B, S, H, D], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name}: {n}.dtype must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, Sq, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
-        raise ValueError(f"{name}: k and v must be [B, Sk, H, D] = [{B}, Sk, {H}, {D}] to match q, got k "
-                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim D must be in 1..{MAX_HEAD_DIM}, got {D}")
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-            raise TypeError(f"{name}: key_mask must be a bool tensor [B, Sk] or None, got "
-                            f"{key_mask.dtype if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__}")
-        if tuple(key_mask.shape) != (B, k.shape[1]):
-            raise ValueError(f"{name}: key_mask must have shape [B, Sk] = [{B}, {k.shape[1]}], got "
-                             f"{tuple(key_mask.shape)}")
-        if key_mask.device != q.device:
-            raise ValueError(f"{name}: key_mask must be on {q.device}, got {key_mask.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{name}: scale must be a finite float or None, got {scale!r}")
-
-
 def attention_forward(q, k, v, key_mask=None, scale=None):
     """Forward only: returns ``(out, lse)``; ``lse`` [B, H, Sq] fp32 in log2 units (+inf for rows with no key).
 
@@ -525,24 +503,62 @@ def attention_backward(do, q, k, v, out, lse, key_mask=None, scale=None, need_dq
     return dq, dk, dv
 
 
-class AttentionFunction(torch.autograd.Function):
-    """``AttentionFunction.apply(q, k, v, key_mask, scale)``: flash attention with autograd (see module doc)."""
+# ----------------------------------------------------------------------------------------------------------
+# custom ops: torch.ops.ospfn_triton.attention_fwd / attention_bwd, with fake implementations; the forward op
+# carries the autograd formula (through the backward op), so torch.compile traces both without a graph break
 
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask, scale):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        out, lse = attention_forward(q, k, v, key_mask, scale)
-        ctx.save_for_backward(q, k, v, out, lse, key_mask)
-        ctx.scale = scale
-        return out
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse, key_mask = ctx.saved_tensors
-        need_dq = ctx.needs_input_grad[0]
-        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, key_mask, ctx.scale, need_dq, need_dkdv)
-        return dq, dk, dv, None, None
+@torch.library.custom_op("ospfn_triton::attention_fwd", mutates_args=())
+def attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] fp32 in log2 units)``; see :func:`attention_forward`."""
+    return attention_forward(_unit_last(q), _unit_last(k), _unit_last(v), key_mask, scale)
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, key_mask, scale):
+    B, Sq, H, D = q.shape
+    return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("ospfn_triton::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    key_mask: Optional[torch.Tensor], scale: float, need_dq: bool, need_dkdv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv)``; a gradient that is not needed (``need_dq`` / ``need_dkdv`` False) is not computed and
+    comes back as an empty tensor (shape (0,)) -- an op cannot return None."""
+    dq, dk, dv = attention_backward(do, _unit_last(q), _unit_last(k), _unit_last(v), out, lse, key_mask, scale,
+                                    need_dq, need_dkdv)  # fmt: skip
+    empty = q.new_empty(0)
+    return (dq if dq is not None else empty, dk if dk is not None else empty.clone(),
+            dv if dv is not None else empty.clone())  # fmt: skip
+
+
+@attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, key_mask, scale, need_dq, need_dkdv):
+    return (q.new_empty(q.shape if need_dq else (0,)), k.new_empty(k.shape if need_dkdv else (0,)),
+            v.new_empty(v.shape if need_dkdv else (0,)))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[0]
+    need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, key_mask, ctx.scale, need_dq, need_dkdv)
+    return (dq if need_dq else None, dk if need_dkdv else None, dv if need_dkdv else None, None, None)
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -552,7 +568,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     q [B, Sq, H, D], k and v [B, Sk, H, D] (fp16, bf16 or fp32, D <= 128, any strides); ``key_mask`` [B, Sk]
     bool with True = real key, or None; ``scale`` defaults to ``1/sqrt(D)``.  Returns [B, Sq, H, D] in the
     input dtype.  Differentiable in q, k, v.  A batch entry without any real key gives zeros (and zero
-    gradients), never NaN.
+    gradients), never NaN.  The arguments are not checked here: :func:`ospfn.ops.attention` validates them
+    (and the backend registry the limits of this kernel, e.g. ``D <= MAX_HEAD_DIM``).
 
     >>> import torch
     >>> from ospfn.kernels.attention import attention
@@ -565,5 +582,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     >>> out.sum().backward(); bool(q.grad[1].eq(0).all())
     True
     """
-    _check(q, k, v, key_mask, scale)
-    return AttentionFunction.apply(q, k, v, key_mask, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return attention_fwd_op(q, k, v, key_mask, scale)[0]

@@ -27,6 +27,10 @@ The imaginary part of ``h`` is zero up to rounding, so the modulus ``sqrt(re**2 
 ``sqrt(re**2 + 1e-12)`` (an absolute difference below ~1e-8 for unit-scale latents).  Within a group of bins of
 equal radius the cutoff does not depend on their order, so the fast path may sort bins differently from the ref.
 Radii are compared as exact integers ``dy**2 + dx**2``.
+
+Both entry points are ``torch.library`` custom ops (``torch.ops.ospfn_triton.fourier_high_freq`` /
+``fourier_cutoff``) with fake implementations, so ``torch.compile`` traces each as one opaque node (FFTs
+included).  Not differentiable, like the op.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ospfn.backends import interpreting
-from ospfn.kernels.hif8 import to_out_dtype
-from ospfn.ops.fourier import MAG_EPS, compute_dtype
+from ospfn.kernels.common import block_size, interpreting, to_out_dtype
+
+MAG_EPS = 1e-12  # added under the square root of every magnitude (spectrum and output); the spec's epsilon
 
 # ----------------------------------------------------------------------------------------------------------
 # kernels
@@ -191,11 +195,8 @@ def _tables(H: int, W: int, device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def _config(n: int, cuda_block: int) -> int:
-    """BLOCK for a loop or grid over ``n`` items: ``cuda_block`` on a GPU; under the interpreter, which pays per
-    program and per loop iteration rather than per element, one block covering everything."""
-    if interpreting():
-        return max(16, triton.next_power_of_2(max(n, 1)))
-    return cuda_block
+    """BLOCK for a loop or grid over ``n`` items (see :func:`ospfn.kernels.common.block_size`)."""
+    return block_size(n, cuda_block)
 
 
 def _cblock(C: int) -> int:
@@ -229,22 +230,34 @@ def _cutoff_from_spectrum(spec: torch.Tensor, rho: torch.Tensor, H: int, W: int)
     return d2cut, cut
 
 
-def _half_spectrum(s: torch.Tensor) -> torch.Tensor:
-    return torch.fft.rfft2(s.to(compute_dtype(s.dtype)), dim=(-2, -1), norm="backward").contiguous()
+def _half_spectrum(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.fft.rfft2(s.to(dtype), dim=(-2, -1), norm="backward").contiguous()
 
 
-def fourier_cutoff(s: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    """Triton backend of ``ospfn.ops.fourier_cutoff`` (arguments already checked; ``rho`` [B] compute dtype)."""
+# The compute dtype (float64 for float64 inputs, else float32) is the dtype of ``rho``: ospfn.ops passes the
+# ratios in it.
+
+
+@torch.library.custom_op("ospfn_triton::fourier_cutoff", mutates_args=())
+def fourier_cutoff_op(s: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.ospfn_triton.fourier_cutoff``: s [B, C, H, W], rho [B] in the compute dtype -> float32 [B]."""
     H, W = s.shape[-2:]
-    return _cutoff_from_spectrum(_half_spectrum(s), rho.contiguous(), H, W)[1]
+    return _cutoff_from_spectrum(_half_spectrum(s, rho.dtype), rho.contiguous(), H, W)[1]
 
 
-def fourier_high_freq(s: torch.Tensor, rho: torch.Tensor, return_abs: bool) -> torch.Tensor:
-    """Triton backend of ``ospfn.ops.fourier_high_freq`` (arguments already checked; ``rho`` [B] compute dtype)."""
+@fourier_cutoff_op.register_fake
+def _(s, rho):
+    return torch.empty((s.shape[0],), dtype=torch.float32, device=s.device)
+
+
+@torch.library.custom_op("ospfn_triton::fourier_high_freq", mutates_args=())
+def fourier_high_freq_op(s: torch.Tensor, rho: torch.Tensor, return_abs: bool) -> torch.Tensor:
+    """``torch.ops.ospfn_triton.fourier_high_freq``: s [B, C, H, W], rho [B] in the compute dtype -> s's shape
+    and dtype."""
     B, C, H, W = s.shape
     Wr = W // 2 + 1
     n_half = H * Wr
-    spec = _half_spectrum(s)
+    spec = _half_spectrum(s, rho.dtype)
     d2cut, _ = _cutoff_from_spectrum(spec, rho.contiguous(), H, W)
 
     BLOCK3 = _config(n_half, 64)
@@ -261,3 +274,22 @@ def fourier_high_freq(s: torch.Tensor, rho: torch.Tensor, return_abs: bool) -> t
     BLOCK4 = min(1 << 16, _config(n, 1024))
     _modulus_kernel[(triton.cdiv(n, BLOCK4),)](h, out, n, EPS=MAG_EPS, BLOCK=BLOCK4, EXACT_BF16=interpreting())
     return out
+
+
+@fourier_high_freq_op.register_fake
+def _(s, rho, return_abs):
+    return torch.empty(s.shape, dtype=s.dtype, device=s.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the triton backend of ospfn.ops.fourier_* (arguments validated there; ``rho`` [B] in the compute dtype)
+
+
+def fourier_cutoff(s: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """Triton backend of ``ospfn.ops.fourier_cutoff``."""
+    return fourier_cutoff_op(s, rho)
+
+
+def fourier_high_freq(s: torch.Tensor, rho: torch.Tensor, return_abs: bool) -> torch.Tensor:
+    """Triton backend of ``ospfn.ops.fourier_high_freq``."""
+    return fourier_high_freq_op(s, rho, bool(return_abs))

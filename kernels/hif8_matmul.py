@@ -1,4 +1,4 @@
-"""W8A16 matmul with HiF8 weights (installed as ``ospfn.kernels.hif8_matmul``; spec-hif8.md section 4).
+"""W8A16 matmul with HiF8 weights (installed as ``ospfn.kernels.hif8_matmul``; docs/hif8.md).
 
 ``y = x @ (decode(codes) / s)^T + b`` for activations ``x`` [M, K] in fp16 / bf16 / fp32 and packed HiF8 weight
 codes [N, K] (uint8) with an fp32 scale ``s`` per tensor or per output channel.  Each program computes one
@@ -12,7 +12,7 @@ codes [N, K] (uint8) with an fp32 scale ``s`` per tensor or per output channel. 
 
 Two decoders, both exact for all 256 codes, chosen per config (``LUT``): a gather from a 256-entry table in the
 activation dtype (512 bytes, stays in L1; ~3 instructions per element), or the table-free integer decode
-:func:`ospfn.kernels.hif8.decode_f32` (~30 integer instructions per element, no memory traffic).  Which one wins
+:func:`ospfn.kernels.common.decode_f32` (~30 integer instructions per element, no memory traffic).  Which one wins
 depends on the GPU (integer throughput vs L1 gather rate) and on M: the autotuner measures both.
 
 ``BLOCK_M == 1`` selects a GEMV path without ``tl.dot`` (one activation row per program, products summed in
@@ -24,18 +24,22 @@ before the dot (exact) -- the index and tiling logic is then tested in every dty
 
 On CUDA the configs are autotuned, keyed on a bucket of M (1, 2-16, 17-64, 65-256, >256), N, K and the dtypes;
 under the Triton interpreter (CPU tests) one fixed config is used, or the one the caller passes.
+
+The launch is the custom op ``torch.ops.ospfn_triton.hif8_matmul`` (with a fake implementation), so
+``torch.compile`` traces it as one opaque node; its gradient with respect to x is formed by ``ospfn.ops``
+(``dx = g @ W_q``, the same for every backend), so the op itself has no autograd formula.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ospfn.backends import interpreting
-from ospfn.kernels.hif8 import decode_f32, to_out_dtype
+from ospfn.kernels.common import decode_f32, interpreting, to_out_dtype
 
 
 @triton.jit
@@ -181,12 +185,19 @@ _w8a16_tuned = triton.autotune(
 )(_w8a16_kernel)
 
 
+@triton.jit
+def _lut_kernel(out_ptr, EXACT_BF16: tl.constexpr):
+    c = tl.arange(0, 256)
+    tl.store(out_ptr + c, to_out_dtype(decode_f32(c), out_ptr, EXACT_BF16))
+
+
 @functools.lru_cache(maxsize=None)
 def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The 256 decoded HiF8 values in ``dtype`` (exact), on ``device``."""
-    from ospfn.ops.hif8 import _decode_table
-
-    return _decode_table(torch.device("cpu")).to(dtype).to(device)
+    """The 256 decoded HiF8 values in ``dtype`` (exact: every HiF8 value is an fp16 / bf16 / fp32 number), on
+    ``device``, made by the same in-register decoder as the table-free path."""
+    out = torch.empty(256, dtype=dtype, device=device)
+    _lut_kernel[(1,)](out, EXACT_BF16=interpreting())
+    return out
 
 
 def _interpreter_config(M: int, N: int, K: int) -> dict:
@@ -202,23 +213,11 @@ def _interpreter_config(M: int, N: int, K: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# host wrapper (the triton backend of ospfn.ops.hif8_matmul)
+# host side (arguments validated by ospfn.ops.hif8_matmul.hif8_matmul)
 
 
-def matmul(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    config: dict | None = None,
-) -> torch.Tensor:
-    """``x`` [M, K] (fp16/bf16/fp32, any strides), ``codes`` [N, K] uint8, ``scale`` fp32 () or [N], ``bias`` [N]
-    or None -> [M, N] in x's dtype.  Arguments are validated by :func:`ospfn.ops.hif8_gemm.hif8_matmul`.
-
-    ``config`` (tests, tuning experiments): a fixed ``dict(BLOCK_M=, BLOCK_N=, BLOCK_K=, GROUP_M=, LUT=)`` instead
-    of the autotuner (CUDA) or the interpreter default.
-    """
+def _launch(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+            config: Optional[dict]) -> torch.Tensor:  # fmt: skip
     M, K = x.shape
     N = codes.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -264,6 +263,37 @@ def matmul(
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _w8a16_kernel[grid](*args, **flags, **cfg, **launch)
     return out
+
+
+@torch.library.custom_op("ospfn_triton::hif8_matmul", mutates_args=())
+def matmul_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``torch.ops.ospfn_triton.hif8_matmul``: the autotuned (CUDA) or default (interpreter) launch."""
+    return _launch(x, codes, scale, bias, None)
+
+
+@matmul_op.register_fake
+def _(x, codes, scale, bias):
+    return torch.empty((x.shape[0], codes.shape[0]), dtype=x.dtype, device=x.device)
+
+
+def matmul(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x`` [M, K] (fp16/bf16/fp32, any strides), ``codes`` [N, K] uint8, ``scale`` fp32 () or [N], ``bias`` [N]
+    or None -> [M, N] in x's dtype.  Arguments are validated by :func:`ospfn.ops.hif8_matmul.hif8_matmul`.
+
+    ``config`` (tests, tuning experiments): a fixed ``dict(BLOCK_M=, BLOCK_N=, BLOCK_K=, GROUP_M=, LUT=)`` instead
+    of the autotuner (CUDA) or the interpreter default.  It is a direct launch, not the custom op (a dict is no
+    op argument), so only ``config=None`` is traceable by ``torch.compile``.
+    """
+    if config is not None:
+        return _launch(x, codes, scale, bias, config)
+    return matmul_op(x, codes, scale, bias)
 
 
 def best_config(M: int, N: int, K: int) -> dict | None:

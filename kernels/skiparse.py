@@ -3,16 +3,23 @@
 fold, unfold and switch are gathers: every output row (one token, C channels) is copied from one input
 row computed by base-P digit arithmetic, or zero-filled for a pad slot.  Padding and cropping are fused:
 each is a single pass over the data with no intermediate tensor.  Index conventions are those of
-``ospfn.ops.skiparse`` (spec-skiparse-ssp.md section 1); the ``ref`` backend there is the source of truth.
+``ospfn.ops.skiparse`` (docs/skiparse.md); the ``ref`` backend there is the source of truth.
+
+Each permutation is a ``torch.library`` custom op (``torch.ops.ospfn_triton.skiparse_{fold,unfold,switch}``)
+taking the layout as plain ints, with a fake implementation and an autograd formula (the gradient of a
+permutation is the inverse permutation: fold <-> unfold, switch is its own inverse), so ``torch.compile``
+traces forward and backward without a graph break.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ospfn.backends import interpreting
+from ospfn.kernels.common import interpreting
 
 FOLD_TOKEN, FOLD_GROUP, UNFOLD_TOKEN, UNFOLD_GROUP, SWITCH = 0, 1, 2, 3, 4
 
@@ -94,7 +101,30 @@ def _permute_rows_kernel(
     tl.store(dst, vals, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _launch(src: torch.Tensor, dst: torch.Tensor, lay, mode: int, B: int) -> torch.Tensor:
+class _Layout(NamedTuple):
+    """The sizes of an ``ospfn.ops.SkiparseLayout`` (grid T, H, W; ratio P; H, W padded to multiples of P^2)."""
+
+    T: int
+    H: int
+    W: int
+    P: int
+    Hp: int
+    Wp: int
+
+    @property
+    def groups(self) -> int:
+        return self.P * self.P
+
+    @property
+    def n(self) -> int:
+        return self.T * self.H * self.W
+
+    @property
+    def seq(self) -> int:
+        return self.T * self.Hp * self.Wp // self.groups
+
+
+def _launch(src: torch.Tensor, dst: torch.Tensor, lay: _Layout, mode: int, B: int) -> torch.Tensor:
     n_rows = dst.shape[0] * dst.shape[1]
     C = dst.shape[2]
     if n_rows == 0 or C == 0:
@@ -118,64 +148,93 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, lay, mode: int, B: int) -> tor
     return dst
 
 
-def _fold(x: torch.Tensor, lay, kind: str) -> torch.Tensor:
-    B, _, C = x.shape
-    out = torch.empty(lay.groups * B, lay.seq, C, dtype=x.dtype, device=x.device)
-    return _launch(x, out, lay, FOLD_TOKEN if kind == "token" else FOLD_GROUP, B)
+def _fold_shape(x: torch.Tensor, lay: _Layout) -> tuple:
+    return (lay.groups * x.shape[0], lay.seq, x.shape[2])
 
 
-def _unfold(y: torch.Tensor, lay, kind: str) -> torch.Tensor:
-    B = y.shape[0] // lay.groups
-    out = torch.empty(B, lay.n, y.shape[2], dtype=y.dtype, device=y.device)
-    return _launch(y, out, lay, UNFOLD_TOKEN if kind == "token" else UNFOLD_GROUP, B)
+def _unfold_shape(y: torch.Tensor, lay: _Layout) -> tuple:
+    return (y.shape[0] // lay.groups, lay.n, y.shape[2])
 
 
-def _switch(y: torch.Tensor, lay) -> torch.Tensor:
-    B = y.shape[0] // lay.groups
-    out = torch.empty(y.shape[0], lay.seq, y.shape[2], dtype=y.dtype, device=y.device)
-    return _launch(y, out, lay, SWITCH, B)
+# ----------------------------------------------------------------------------------------------------------
+# custom ops: the layout travels as six ints (T, H, W, P, Hp, Wp), the layout kind as a string
 
 
-class _Fold(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lay, kind):
-        ctx.lay, ctx.kind = lay, kind
-        return _fold(x, lay, kind)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _unfold(g, ctx.lay, ctx.kind), None, None  # pad slots are cropped: their grads vanish
+@torch.library.custom_op("ospfn_triton::skiparse_fold", mutates_args=())
+def fold_op(x: torch.Tensor, T: int, H: int, W: int, P: int, Hp: int, Wp: int, kind: str) -> torch.Tensor:
+    """[B, T*H*W, C] -> [P^2 B, T*Hp*Wp / P^2, C] in the ``kind`` layout ("token" or "group"); pads are 0."""
+    lay = _Layout(T, H, W, P, Hp, Wp)
+    out = torch.empty(_fold_shape(x, lay), dtype=x.dtype, device=x.device)
+    return _launch(x, out, lay, FOLD_TOKEN if kind == "token" else FOLD_GROUP, x.shape[0])
 
 
-class _Unfold(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, lay, kind):
-        ctx.lay, ctx.kind = lay, kind
-        return _unfold(y, lay, kind)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _fold(g, ctx.lay, ctx.kind), None, None  # zero gradient for pad slots
+@torch.library.custom_op("ospfn_triton::skiparse_unfold", mutates_args=())
+def unfold_op(y: torch.Tensor, T: int, H: int, W: int, P: int, Hp: int, Wp: int, kind: str) -> torch.Tensor:
+    """The inverse of ``fold_op``, cropping the padding."""
+    lay = _Layout(T, H, W, P, Hp, Wp)
+    out = torch.empty(_unfold_shape(y, lay), dtype=y.dtype, device=y.device)
+    return _launch(y, out, lay, UNFOLD_TOKEN if kind == "token" else UNFOLD_GROUP, y.shape[0] // lay.groups)
 
 
-class _Switch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, lay):
-        ctx.lay = lay
-        return _switch(y, lay)
+@torch.library.custom_op("ospfn_triton::skiparse_switch", mutates_args=())
+def switch_op(y: torch.Tensor, T: int, H: int, W: int, P: int, Hp: int, Wp: int) -> torch.Tensor:
+    """Token <-> group layout of folded data (an involution)."""
+    lay = _Layout(T, H, W, P, Hp, Wp)
+    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    return _launch(y, out, lay, SWITCH, y.shape[0] // lay.groups)
 
-    @staticmethod
-    def backward(ctx, g):
-        return _switch(g, ctx.lay), None
+
+@fold_op.register_fake
+def _(x, T, H, W, P, Hp, Wp, kind):
+    return x.new_empty(_fold_shape(x, _Layout(T, H, W, P, Hp, Wp)))
+
+
+@unfold_op.register_fake
+def _(y, T, H, W, P, Hp, Wp, kind):
+    return y.new_empty(_unfold_shape(y, _Layout(T, H, W, P, Hp, Wp)))
+
+
+@switch_op.register_fake
+def _(y, T, H, W, P, Hp, Wp):
+    return y.new_empty(y.shape)
+
+
+def _save_layout(ctx, inputs, output):
+    ctx.layout = inputs[1:]  # (T, H, W, P, Hp, Wp[, kind])
+
+
+def _fold_backward(ctx, g):
+    return (unfold_op(g, *ctx.layout),) + (None,) * 7  # pad slots are cropped: their grads vanish
+
+
+def _unfold_backward(ctx, g):
+    return (fold_op(g, *ctx.layout),) + (None,) * 7  # zero gradient for pad slots
+
+
+def _switch_backward(ctx, g):
+    return (switch_op(g, *ctx.layout),) + (None,) * 6
+
+
+fold_op.register_autograd(_fold_backward, setup_context=_save_layout)
+unfold_op.register_autograd(_unfold_backward, setup_context=_save_layout)
+switch_op.register_autograd(_switch_backward, setup_context=_save_layout)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the triton backend of ospfn.ops.skiparse_* (``lay``: a SkiparseLayout; arguments validated there)
+
+
+def _ints(lay) -> tuple[int, int, int, int, int, int]:
+    return (int(lay.T), int(lay.H), int(lay.W), int(lay.P), int(lay.Hp), int(lay.Wp))
 
 
 def fold(x: torch.Tensor, lay, kind: str) -> torch.Tensor:
-    return _Fold.apply(x, lay, kind)
+    return fold_op(x, *_ints(lay), kind)
 
 
 def unfold(y: torch.Tensor, lay, kind: str) -> torch.Tensor:
-    return _Unfold.apply(y, lay, kind)
+    return unfold_op(y, *_ints(lay), kind)
 
 
 def switch(y: torch.Tensor, lay) -> torch.Tensor:
-    return _Switch.apply(y, lay)
+    return switch_op(y, *_ints(lay))

@@ -57,6 +57,7 @@ __all__ = [
     "set_auto_order",
     "select",
     "dispatch",
+    "preload",
     "constraints",
     "resolve",
     "refresh",
@@ -329,7 +330,9 @@ def resolve(op: str, backend: str | None, device: torch.device | str, args: tupl
     key = (op, backend, dtype_)
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans[key] = _plan(op, backend, dtype_)
+        plan = _plan(op, backend, dtype_)
+        if not torch.compiler.is_compiling():  # no Python state written while dynamo traces (recompiles)
+            _plans[key] = plan
     cands, explicit = plan
     impls = _REGISTRY[op]
     for name in cands:
@@ -352,6 +355,20 @@ def resolve(op: str, backend: str | None, device: torch.device | str, args: tupl
 def select(op: str, backend: str | None, device: torch.device | str, args: tuple = ()) -> Callable:
     """The implementation function of ``op`` chosen by ``resolve``."""
     return _load(op, resolve(op, backend, device, args))
+
+
+def preload(backend: str | None = None) -> list[str]:
+    """Import every lazily registered implementation (``"module:function"``) of the backends available
+    here (or of ``backend`` only); returns the ``op:backend`` pairs loaded.  The first call of a Triton
+    implementation imports its kernel module, which ``torch.compile`` cannot trace (a graph break): call this
+    once before compiling, or run the model once eagerly."""
+    loaded = []
+    for op, impls in _REGISTRY.items():
+        for name, impl in impls.items():
+            if (backend is None or name == backend) and isinstance(impl.fn, str) and info(name).available:
+                _load(op, name)
+                loaded.append(f"{op}:{name}")
+    return loaded
 
 
 def dispatch(op: str, backend: str | None, *args):

@@ -196,20 +196,33 @@ def test_no_keys_at_all():
 
 
 def test_bad_arguments():
+    """The kernel checks nothing itself: bad arguments are refused by ospfn.ops.attention before they reach it."""
+    from ospfn.ops import attention as op
+
+    def call(q, k, v, **kw):
+        return op(q, k, v, backend="triton", **kw)
+
     q = torch.randn(1, 4, 1, 16, device=DEV)
-    with pytest.raises(ValueError, match="k and v"):
-        attention(q, torch.randn(1, 4, 2, 16, device=DEV), torch.randn(1, 4, 2, 16, device=DEV))
-    with pytest.raises(ValueError, match="head dim"):
-        big = torch.randn(1, 4, 1, 160, device=DEV)
-        attention(big, big, big)
+    with pytest.raises(ValueError, match="k must have shape"):
+        call(q, torch.randn(1, 4, 2, 16, device=DEV), torch.randn(1, 4, 2, 16, device=DEV))
     with pytest.raises(TypeError, match="share a dtype"):
-        attention(q, q.half(), q)
+        call(q, q.half(), q)
     with pytest.raises(TypeError, match="key_mask"):
-        attention(q, q, q, key_mask=torch.ones(1, 4, device=DEV))
+        call(q, q, q, key_mask=torch.ones(1, 4, device=DEV))
     with pytest.raises(ValueError, match="key_mask"):
-        attention(q, q, q, key_mask=torch.ones(1, 5, dtype=torch.bool, device=DEV))
-    with pytest.raises(ValueError, match="4-d"):
-        attention(q[0], q[0], q[0])
+        call(q, q, q, key_mask=torch.ones(1, 5, dtype=torch.bool, device=DEV))
+    with pytest.raises(ValueError, match="heads, head_dim"):
+        call(q[0], q[0], q[0])
+
+
+def test_head_dim_limit():
+    """D > MAX_HEAD_DIM: the backend registry's constraint on the triton implementation refuses it."""
+    from ospfn.kernels.attention import MAX_HEAD_DIM
+    from ospfn.ops import attention as op
+
+    big = torch.randn(1, 4, 1, MAX_HEAD_DIM + 32, device=DEV)
+    with pytest.raises(ValueError, match="head dim"):
+        op(big, big, big, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -12,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "hif8/hif8.h"
 
@@ -221,12 +224,15 @@ at::Tensor hif8_quantize(const at::Tensor& x_in, double scale_max_d, bool rowwis
 
 }  // namespace
 
+// pt2_compliant_tag: every op has a Meta kernel below (shapes and dtypes only), so dynamo / inductor trace it
+// as one opaque node, and each passes torch.library.opcheck (tests/test_compile_ops.py).
 TORCH_LIBRARY_FRAGMENT(ospfn, m) {
-  m.def("hif8_encode(Tensor x) -> Tensor");
-  m.def("hif8_decode(Tensor codes, ScalarType dtype) -> Tensor");
-  m.def("hif8_round(Tensor x) -> Tensor");
-  m.def("hif8_quantize(Tensor x, float scale_max, bool rowwise, Tensor? amax=None) -> Tensor");
-  m.def("_hif8_encode_arith(Tensor x) -> Tensor");
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("hif8_encode(Tensor x) -> Tensor", tags);
+  m.def("hif8_decode(Tensor codes, ScalarType dtype) -> Tensor", tags);
+  m.def("hif8_round(Tensor x) -> Tensor", tags);
+  m.def("hif8_quantize(Tensor x, float scale_max, bool rowwise, Tensor? amax=None) -> Tensor", tags);
+  m.def("_hif8_encode_arith(Tensor x) -> Tensor", tags);
 }
 
 TORCH_LIBRARY_IMPL(ospfn, CPU, m) {
@@ -235,6 +241,115 @@ TORCH_LIBRARY_IMPL(ospfn, CPU, m) {
   m.impl("hif8_round", &hif8_round);
   m.impl("hif8_quantize", &hif8_quantize);
   m.impl("_hif8_encode_arith", &hif8_encode_arith);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Meta kernels: output shapes and dtypes only (FakeTensor / torch.compile tracing).  Sizes are SymInts, so
+// they also trace with dynamic shapes.  The outputs are contiguous, like those of the CPU kernels.
+
+namespace {
+
+void check_float_meta(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              op, ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+}
+
+at::Tensor hif8_encode_meta(const at::Tensor& x) {
+  check_float_meta(x, "hif8_encode");
+  return at::empty_symint(x.sym_sizes(), x.options().dtype(at::kByte));
+}
+
+at::Tensor hif8_encode_arith_meta(const at::Tensor& x) {
+  check_float_meta(x, "_hif8_encode_arith");
+  return at::empty_symint(x.sym_sizes(), x.options().dtype(at::kByte));
+}
+
+at::Tensor hif8_decode_meta(const at::Tensor& codes, at::ScalarType dtype) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "hif8_decode: codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "hif8_decode: dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  return at::empty_symint(codes.sym_sizes(), codes.options().dtype(dtype));
+}
+
+at::Tensor hif8_round_meta(const at::Tensor& x) {
+  check_float_meta(x, "hif8_round");
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+at::Tensor hif8_quantize_meta(const at::Tensor& x, double scale_max, bool rowwise,
+                              const std::optional<at::Tensor>& amax) {
+  check_float_meta(x, "hif8_quantize");
+  TORCH_CHECK(!rowwise || x.dim() >= 1, "hif8_quantize: row granularity needs x.dim() >= 1");
+  if (amax.has_value()) {
+    TORCH_CHECK(amax->scalar_type() == at::kFloat, "hif8_quantize: amax must be float32, got ",
+                amax->scalar_type());
+  }
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ospfn, Meta, m) {
+  m.impl("hif8_encode", &hif8_encode_meta);
+  m.impl("hif8_decode", &hif8_decode_meta);
+  m.impl("hif8_round", &hif8_round_meta);
+  m.impl("hif8_quantize", &hif8_quantize_meta);
+  m.impl("_hif8_encode_arith", &hif8_encode_arith_meta);
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// Autograd kernels: the ops are not differentiable (their results never carry autograd history, like the
+// Python API's), so each one steps below autograd and re-dispatches to the backend kernel.  Registering them
+// explicitly (instead of relying on the autograd fallback) is what torch.library.opcheck asks of
+// non-differentiable ops.
+
+namespace {
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+at::Tensor hif8_encode_autograd(const at::Tensor& x) {
+  static const auto op = handle<decltype(hif8_encode_meta)>("ospfn::hif8_encode");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x);
+}
+
+at::Tensor hif8_encode_arith_autograd(const at::Tensor& x) {
+  static const auto op = handle<decltype(hif8_encode_arith_meta)>("ospfn::_hif8_encode_arith");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x);
+}
+
+at::Tensor hif8_decode_autograd(const at::Tensor& codes, at::ScalarType dtype) {
+  static const auto op = handle<decltype(hif8_decode_meta)>("ospfn::hif8_decode");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(codes, dtype);
+}
+
+at::Tensor hif8_round_autograd(const at::Tensor& x) {
+  static const auto op = handle<decltype(hif8_round_meta)>("ospfn::hif8_round");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x);
+}
+
+at::Tensor hif8_quantize_autograd(const at::Tensor& x, double scale_max, bool rowwise,
+                                  const std::optional<at::Tensor>& amax) {
+  static const auto op = handle<decltype(hif8_quantize_meta)>("ospfn::hif8_quantize");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, scale_max, rowwise, amax);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ospfn, Autograd, m) {
+  m.impl("hif8_encode", &hif8_encode_autograd);
+  m.impl("hif8_decode", &hif8_decode_autograd);
+  m.impl("hif8_round", &hif8_round_autograd);
+  m.impl("hif8_quantize", &hif8_quantize_autograd);
+  m.impl("_hif8_encode_arith", &hif8_encode_arith_autograd);
 }
 
 }  // namespace ospfn

@@ -74,7 +74,7 @@ def attention(
             raise ValueError(f"{fn}: key_mask must be on {q.device}, got {key_mask.device}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:  # NaN fails too
         raise ValueError(f"{fn}: scale must be a finite number > 0 or None, got {scale!r}")
     return dispatch("attention", backend, q, k, v, key_mask, float(scale))
 

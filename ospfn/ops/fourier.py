@@ -25,7 +25,8 @@ Decisions:
   float dtype (fp32, bf16, fp16, fp8) is computed in float32, as the spec says.  The output has ``s``'s dtype.
 * ``ratio`` is a Python number or a float tensor of shape [B] (a 0-d tensor is broadcast to every sample).  A
   number, and a CPU tensor, must lie in [0, 1] (``ValueError`` otherwise).  The values of a tensor on another
-  device (CUDA) are not checked, since that would synchronise with the host; there a value below 0 (or NaN)
+  device (CUDA) are not checked, since that would synchronise with the host, nor those of any tensor inside a
+  ``torch.compile``-d function (a value-dependent check would break the graph); there a value below 0 (or NaN)
   behaves like 0 (nothing removed) and a value above 1 like 1, which is what the cutoff rule gives them.
 * No autograd: the input is detached and the result has no autograd history (FlashI2V computes the feature
   under ``no_grad``).
@@ -108,7 +109,9 @@ def _check_ratio(ratio: object, s: torch.Tensor, op: str) -> torch.Tensor:
     if ratio.dim() > 1 or (ratio.dim() == 1 and ratio.shape[0] != B):
         raise ValueError(f"{op}: ratio tensor must have shape [B] = [{B}] (or be 0-d), got shape {tuple(ratio.shape)}")
     r = ratio.detach()
-    if r.device.type == "cpu":  # no host synchronisation needed to look at the values
+    # CPU values are looked at without a host synchronisation; not while torch.compile traces, where a
+    # value-dependent branch would break the graph (out-of-range values then act as on CUDA, see above)
+    if r.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = ~((r >= 0) & (r <= 1))
         if bool(bad.any()):
             where = bad.nonzero().view(-1)[:4].tolist()

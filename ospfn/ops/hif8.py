@@ -74,7 +74,9 @@ def _check_scale_max(scale_max: object, op: str) -> float:
     if isinstance(scale_max, bool) or not isinstance(scale_max, (int, float)):
         raise TypeError(f"{op}: scale_max must be a Python number (finite, > 0), got {type(scale_max).__name__}")
     v = float(scale_max)
-    if not math.isfinite(v) or v <= 0.0:
+    # comparisons only (NaN fails them): math.isfinite breaks the graph when torch.compile(dynamic=True) traces
+    # v as a SymFloat
+    if not 0.0 < v < math.inf:
         raise ValueError(f"{op}: scale_max must be finite and > 0, got {scale_max!r}")
     if v <= _F32_ROUNDS_TO_ZERO or v >= _F32_ROUNDS_TO_INF:  # pure Python: no tensor, traceable
         raise ValueError(f"{op}: scale_max must be representable in float32 (1.2e-38 .. 3.4e38), got {scale_max!r}")
@@ -291,7 +293,9 @@ def _ref_quantize(x: torch.Tensor, scale_max: float, rowwise: bool, amax: torch.
     xf = x.to(torch.float32)
     if amax is None:
         amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
-    denom = torch.where(amax < AMAX_FLOOR, torch.full_like(amax, AMAX_FLOOR), amax)  # keeps NaN
+    # the literal, not AMAX_FLOOR: dynamo (torch 2.13, dynamic=True) mis-lifts a module float read inside an
+    # autograd.Function when two of them share a graph
+    denom = torch.where(amax < 1e-8, torch.full_like(amax, 1e-8), amax)  # keeps NaN
     s = torch.full_like(denom, scale_max).div(denom)  # correctly rounded fp32 division
     q = _ref_decode(_ref_encode(xf * s), torch.float32)
     return q.div(s).to(x.dtype)

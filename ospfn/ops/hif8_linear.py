@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ospfn.backends import select
 from ospfn.ops.hif8 import _check_scale_max, _tensor_arg, hif8_amax, hif8_quantize
 
 __all__ = ["hif8_fake_quant", "hif8_linear", "HiF8LinearFunction", "quantize_group_amax"]
@@ -48,6 +49,16 @@ def quantize_group_amax(t: torch.Tensor, scale_max: float, group=None, backend: 
 
     amax = all_reduce_max(hif8_amax(t), group, kind="amax")
     return hif8_quantize(t, scale_max, amax=amax, backend=backend)
+
+
+def _resolve_outside_autograd(x: torch.Tensor, backend: str | None) -> None:
+    """Look up the quantiser's backend once before entering the autograd Function.
+
+    The registry caches its first lookup for an (op, backend, device) -- a Python side effect.  Made inside the
+    Function's forward or backward while torch.compile traces them, it makes dynamo fail on the saved
+    tensors; made here, in the traced caller, it is an ordinary side effect and the lookups inside find it.
+    """
+    select("hif8_quantize", backend, x.device)
 
 
 def _check_group(group, op: str):
@@ -95,7 +106,9 @@ def hif8_fake_quant(
     if not x.dtype.is_floating_point:
         raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
     smf, smb = _check_scale_max(scale_max_fwd, op), _check_scale_max(scale_max_bwd, op)
-    return _HiF8STE.apply(x, smf, smb, _check_group(amax_group, op), backend)
+    group = _check_group(amax_group, op)
+    _resolve_outside_autograd(x, backend)
+    return _HiF8STE.apply(x, smf, smb, group, backend)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,4 +224,5 @@ def hif8_linear(
     smf = _check_scale_max(scale_max_fwd, op)
     smb = _check_scale_max(scale_max_bwd, op)
     amax_group = _check_group(amax_group, op)
+    _resolve_outside_autograd(x, backend)
     return HiF8LinearFunction.apply(x, weight, bias, smf, smb, amax_group, backend)
