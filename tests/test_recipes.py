@@ -89,12 +89,21 @@ def test_resume_may_extend_steps_but_not_change_training(tmp_path, capsys):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_resume_without_a_checkpoint_fails_before_work(tmp_path, capsys):
+    train = load_recipe("train")
+    out = tmp_path / "never_ran"
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--config", str(write_cfg(tmp_path, out)), "--no-progress", "--resume"])
+    assert exc.value.code == 2
+    assert f"error: --resume: no checkpoint found in {out}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_exported_pipeline_samples_deterministically(tmp_path):
     train = load_recipe("train")
     out = tmp_path / "run"
     assert train.main(["--config", str(write_cfg(tmp_path, out)), "--no-progress"]) == 0
     from ospfn.data import SyntheticMotion
-    from ospfn.io import write_strip_png
     from ospfn.pipeline import load_pipeline
 
     pipe = load_pipeline(out / "final")
@@ -128,6 +137,7 @@ def test_exported_pipeline_samples_deterministically(tmp_path):
         ({"model.overrides": {"in_dim": 3}}, r"model.overrides.in_dim is derived"),
         ({"train.task": "t2i"}, r"train.task: expected one of \['t2v', 'flashi2v'\]"),
         ({"model.overrides": {"dim": 30}}, r"dim \(30\) must be divisible by num_heads"),
+        ({"train.compile": "yes"}, r"train.compile: expected true/false, got str 'yes'"),
     ],
 )
 def test_bad_train_configs_fail_before_work(tmp_path, change, message):

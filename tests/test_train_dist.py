@@ -88,3 +88,17 @@ def test_dcp_resume_is_exact(tmp_path):
     a, b = _weights(straight), _weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (split / "ckpt-00000004" / "train_state.json").exists() and (split / "latest").read_text().strip() == "ckpt-00000004"
+
+
+def test_fsdp_fixed_clip_equals_one_process(tmp_path):
+    """``optim.adaptive_clip: false`` clips to ``clip_initial`` under FSDP2 too (sharded gradients, global norm)."""
+    clip = {"optim.adaptive_clip": False, "optim.clip_initial": 0.1, "train.steps": 2}  # the norms here are ~0.5
+    one = tmp_path / "one_clip"
+    assert _train_main(["--config", str(_cfg_file(tmp_path, one, **clip, **{"train.batch_size": 4})), "--no-progress"]) == 0
+    two = tmp_path / "two_clip"
+    run_ranks(_ranks_train, 2, [["--config", str(_cfg_file(tmp_path, two, **clip)), "--no-progress"]])
+    a, b = _weights(one), _weights(two)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 2e-4, worst
+    log = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
+    assert all(r["clip_threshold"] == 0.1 and r["grad_norm"] > 0.1 for r in log)

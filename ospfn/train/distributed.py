@@ -1,10 +1,12 @@
-"""FSDP2 pieces of the SFT recipe: module containers, sharding, a sharded EMA, DCP checkpoints.
+"""FSDP2 pieces of the SFT recipe: module containers, sharding, a sharded EMA, DCP checkpoints, and
+``FSDPTrainer`` -- the shared step of ``ospfn.train.step.Trainer`` with these pieces plugged in.
 
 The DiT runs as ``ospfn.nn.DiT`` (one module per block) and the tiny text encoder as ``TextModule``; both are
 ``fully_shard``-ed over all ranks (ZeRO-3).  FSDP averages gradients over the world; under sequence
-parallelism each SP rank holds a partial gradient, so the recipe scales the loss by the SP size (mean over
-data-parallel replicas, sum over SP ranks).  Checkpoints are torch.distributed.checkpoint directories written
-to a temporary name and renamed by rank 0 after a barrier, plus a JSON of the scalar state.
+parallelism each SP rank holds a partial gradient, so the loss is scaled by the SP size (mean over
+data-parallel replicas, sum over SP ranks: ``FSDPTrainer.backward``).  Checkpoints are
+torch.distributed.checkpoint directories written to a temporary name and renamed by rank 0 after a barrier,
+plus a JSON of the scalar state.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["TextModule", "TrainModules", "shard", "ShardedEMA", "save_dcp", "load_dcp", "latest_dcp"]
+from ospfn.train.sft import export_pipeline
+from ospfn.train.step import RunParts, Trainer
+
+__all__ = ["TextModule", "TrainModules", "shard", "ShardedEMA", "save_dcp", "load_dcp", "latest_dcp", "FSDPTrainer"]
 
 
 class _Holder(nn.Module):
@@ -158,3 +163,57 @@ def load_dcp(path, modules: TrainModules, optimizer, ema: ShardedEMA) -> dict:
     set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ema.load_local(state["ema"])
     return json.loads((Path(path) / "train_state.json").read_text())
+
+
+class FSDPTrainer(Trainer):
+    """The SFT step on torch.distributed: FSDP2 over all ranks, SP inside each data-parallel replica.
+
+    ``modules`` must already be ``shard``-ed; with ``train.compile`` the blocks are compiled here, after
+    ``fully_shard``.  Every method that talks to other ranks is collective: call it on every rank.
+    """
+
+    def __init__(self, cfg, parts: RunParts, modules: TrainModules, st) -> None:
+        self.modules, self.parallel = modules, st
+        self.world, self.dp, self.dp_rank, self.sp_size = st.world, st.dp, st.dp_rank, st.sp_size
+        self.is_main = st.rank == 0
+        super().__init__(cfg, parts, dict(modules.named_parameters()), model=modules.dit, text=modules.text, device=st.device)
+
+    def make_ema(self, named, decay):
+        return ShardedEMA(named, decay)
+
+    def encode_text(self, captions):
+        both = self.text(list(captions) + [""])  # one call per micro-step (one FSDP unit pass)
+        return both[:-1], both[-1:]
+
+    def backward(self, loss):
+        # FSDP averages gradients over all ranks: x SP size = mean over replicas, sum over SP shards
+        (loss * self.sp_size / self.cfg.train.grad_accum).backward()
+
+    def mean_loss(self, loss):
+        t = torch.tensor([loss], device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def log_extra(self):
+        return {"world": self.world}
+
+    def save(self, out_dir):
+        extra = {"step": self.step, "data_pos": self.pos, "clip": self.clip.state_dict(), "config": self.cfg.to_dict()}
+        return save_dcp(out_dir, self.step, self.modules, self.opt, self.ema, extra, keep=self.cfg.train.keep)
+
+    def load(self, path) -> dict:
+        """Restore a ``save`` checkpoint directory; returns its scalar state (with the config it was written with)."""
+        extra = load_dcp(path, self.modules, self.opt, self.ema)
+        self.step, self.pos = int(extra["step"]), int(extra["data_pos"])
+        self.clip.load_state_dict(extra["clip"])
+        return extra
+
+    def export(self, out):
+        full = self.ema.full()  # collective
+        if not self.is_main:
+            return None
+        weights = {("text." + k[len("text.tree.") :] if k.startswith("text.tree.") else k): v for k, v in full.items()}
+        return export_pipeline(self.cfg, weights, out, info={"trained_steps": self.step, "samples_seen": self.pos, "world": self.world})
+
+    def finish(self):
+        dist.barrier()

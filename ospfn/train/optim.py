@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["make_adamw", "EMA", "AdaptiveGradClip", "warmup_constant"]
+__all__ = ["make_adamw", "EMA", "AdaptiveGradClip", "warmup_constant", "set_lr", "global_grad_norm", "clip_grad_norm"]
 
 
 def make_adamw(params: Iterable, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-15):
@@ -31,6 +31,15 @@ def global_grad_norm(grads: list[torch.Tensor]) -> float:
     if not grads:
         return 0.0
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    return float(total)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` (fixed threshold) returning the norm before clipping as a float;
+    for FSDP2 (DTensor) gradients the norm is the global one."""
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
     return float(total)

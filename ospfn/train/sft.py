@@ -80,6 +80,7 @@ class TrainSection:
     seed: int = 0
     grad_checkpoint: bool = False
     attn_backend: Optional[str] = None
+    compile: bool = False  # torch.compile each DiT block (ospfn.train.step.compile_blocks)
     log_every: int = 10
     ckpt_every: int = 500
     keep: int = 2
@@ -92,6 +93,8 @@ class TrainSection:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.text_drop <= 1.0:
             raise ValueError(f"train.text_drop must be in [0, 1], got {self.text_drop}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"train.compile must be true or false, got {type(self.compile).__name__} {self.compile!r}")
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,9 @@ class SFTConfig:
 
 
 # Config keys a resumed run may change: they do not alter the trajectory of the steps already taken
-# (the learning rate is constant after warm-up, so extending ``train.steps`` continues the same run).
-RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep", "sample.")
+# (the learning rate is constant after warm-up, so extending ``train.steps`` continues the same run;
+# ``train.compile`` changes how the blocks run, not what they compute, and older checkpoints lack it).
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep", "train.compile", "sample.")
 
 
 def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -1,0 +1,142 @@
+"""Build an SFT run from a validated recipe config: data, VAE, model, trainer, resumed state.
+
+``make_trainer(cfg, out_dir, resume)`` returns an ``ospfn.train.step.Trainer`` on one process or an
+``ospfn.train.distributed.FSDPTrainer`` under torchrun (``WORLD_SIZE`` > 1).  Everything that can be wrong
+with a config or a resume source raises ``TrainError`` before any training work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ospfn.train.step import RunParts, Trainer
+
+__all__ = ["TrainError", "build_parts", "make_trainer", "local_trainer", "fsdp_trainer"]
+
+
+class TrainError(ValueError):
+    """A run cannot start; the message names the config key or option at fault (``model.checkpoint: ...``)."""
+
+
+def build_parts(cfg) -> RunParts:
+    """Model config, text config, VAE and dataset of a recipe config (validated, before any work)."""
+    from ospfn.model.vae import PixelVAE
+    from ospfn.train.sft import derive_configs
+
+    try:
+        dit_cfg, text_cfg, _ = derive_configs(cfg)
+    except ValueError as e:
+        raise TrainError(f"model: {e}") from e
+    vae = PixelVAE(cfg.vae.spatial)
+    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
+        raise TrainError(f"model.checkpoint: no such file or directory: {cfg.model.checkpoint}")
+    if cfg.data.kind == "synthetic":
+        from ospfn.data import SyntheticMotion
+
+        dataset = SyntheticMotion(
+            cfg.data.num_samples, frames=cfg.data.frames, size=tuple(cfg.data.size), split="train", seed=cfg.data.seed
+        )
+    else:
+        from ospfn.data.video import VideoDataset, filter_clips, load_index
+
+        if not cfg.data.index or not Path(cfg.data.index).exists():
+            raise TrainError(f"data.index: no such file: {cfg.data.index}")
+        kept, _ = filter_clips(load_index(cfg.data.index), train_fps=cfg.data.train_fps, sample_num_frames=cfg.data.frames)
+        dataset = VideoDataset(
+            kept, num_frames=cfg.data.frames, train_fps=cfg.data.train_fps, buckets=[tuple(b) for b in cfg.data.buckets], seed=cfg.data.seed
+        )
+    return RunParts(dit_cfg, text_cfg, vae, dataset)
+
+
+def _initial_weights(cfg, parts: RunParts) -> tuple[dict, dict]:
+    """(DiT weights: ``model.checkpoint`` or a seeded init, text-encoder weights: a seeded init)."""
+    from ospfn.model import init_params
+    from ospfn.model.checkpoint import load_checkpoint
+    from ospfn.model.text import init_tiny_text_params
+
+    seed = cfg.train.seed
+    dit = (
+        load_checkpoint(cfg.model.checkpoint, parts.dit_cfg, dtype=torch.float32)
+        if cfg.model.checkpoint
+        else init_params(parts.dit_cfg, seed=seed)
+    )
+    return dit, init_tiny_text_params(parts.text_cfg, seed=seed + 1)
+
+
+def _check_resume_config(saved, cfg, path) -> None:
+    from ospfn.train.sft import resume_conflicts
+
+    conflicts = resume_conflicts(saved or {}, cfg.to_dict())
+    if conflicts:
+        raise TrainError(f"--resume: the checkpoint {path} was written with different values of {', '.join(conflicts)}")
+
+
+def make_trainer(cfg, out_dir, resume=None) -> Trainer:
+    """The run's trainer, resumed from ``resume`` ("latest" = the newest checkpoint in ``out_dir``, or a path)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return fsdp_trainer(cfg, out_dir, resume)
+    return local_trainer(cfg, out_dir, resume)
+
+
+def local_trainer(cfg, out_dir, resume=None) -> Trainer:
+    """One process, CPU: the DiT as ``ospfn.nn.DiT`` and the text encoder as ``TextModule`` over the weights."""
+    from ospfn.nn import DiT
+    from ospfn.train.distributed import TextModule
+    from ospfn.train.sft import split_params
+    from ospfn.train.state import latest_checkpoint, load_train_state
+
+    parts = build_parts(cfg)
+    ckpt = None
+    if resume is not None:
+        src = Path(out_dir) if resume == "latest" else Path(resume)
+        if latest_checkpoint(src) is None and not (src / "state.pt").exists():
+            raise TrainError(f"--resume: no checkpoint found in {src}")
+        ckpt = load_train_state(src)
+        _check_resume_config(ckpt["state"].get("config"), cfg, ckpt["path"])
+        dit_w, text_w = split_params(ckpt["params"])
+    else:
+        dit_w, text_w = _initial_weights(cfg, parts)
+    model = DiT(parts.dit_cfg, dit_w)  # the module's parameters share the tensors' storage
+    text = TextModule(text_w, parts.text_cfg)
+    text.requires_grad_(cfg.text.train)
+    named = {**{f"dit.{k}": v for k, v in model.named_parameters()}, **{f"text.{k}": v for k, v in text.params().items()}}
+    trainer = Trainer(cfg, parts, named, model=model, text=text)
+    if ckpt is not None:
+        trainer.load(ckpt)
+        trainer.resumed_from = ckpt["path"]
+    return trainer
+
+
+def fsdp_trainer(cfg, out_dir, resume=None) -> Trainer:
+    """torch.distributed (already initialised, or by ``init_parallel``): FSDP2 over all ranks, the config's
+    sequence parallelism inside each data-parallel replica.  Collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ospfn.nn import DiT
+    from ospfn.parallel import ParallelConfig, init_parallel
+    from ospfn.train.distributed import FSDPTrainer, TextModule, TrainModules, latest_dcp, shard
+
+    try:
+        st = init_parallel(ParallelConfig(skiparse_sp=cfg.parallel.skiparse_sp, ulysses_sp=cfg.parallel.ulysses_sp))
+    except ValueError as e:
+        raise TrainError(f"parallel: {e}") from e
+    parts = build_parts(cfg)
+    dev = st.device
+    dit_w, text_w = _initial_weights(cfg, parts)
+    modules = TrainModules(DiT(parts.dit_cfg, {k: v.to(dev) for k, v in dit_w.items()}),
+                           TextModule({k: v.to(dev) for k, v in text_w.items()}, parts.text_cfg))  # fmt: skip
+    if not cfg.text.train:
+        modules.text.requires_grad_(False)
+    shard(modules, init_device_mesh(dev.type, (st.world,)))
+    trainer = FSDPTrainer(cfg, parts, modules, st)  # compiles the blocks (train.compile) after fully_shard
+    if resume is not None:
+        src = latest_dcp(out_dir) if resume == "latest" else Path(resume)
+        if src is None or not src.exists():
+            raise TrainError(f"--resume: no checkpoint found in {out_dir if resume == 'latest' else resume}")
+        extra = trainer.load(src)
+        _check_resume_config(extra.get("config"), cfg, src)
+        trainer.resumed_from = src
+    return trainer
