@@ -1,4 +1,4 @@
-"""An independent reference DiT forward for the tests, written from spec-dit.md section 2.
+"""An independent reference DiT forward for the tests, written from docs/dit.md#forward-pass.
 
 Every block runs in the ORIGINAL raster token order; a Skiparse block is dense attention with an explicit
 [N, N] boolean mask (token / group partitions by index arithmetic), RoPE is complex multiplication at the

@@ -1,4 +1,4 @@
-"""An independent HiF8 oracle for the tests, written from spec-hif8.md section 1 and nothing else.
+"""An independent HiF8 oracle for the tests, written from docs/hif8.md#bit-layout and nothing else.
 
 Decoding reads the bit strings of the spec table one code at a time in plain Python; encoding is
 "nearest value by search over the sorted list of all values, ties away from zero" -- no bit tricks, no
@@ -13,7 +13,7 @@ import torch
 
 
 def spec_decode(code: int) -> float:
-    """Value of one HiF8 code, straight from the table of spec-hif8.md section 1."""
+    """Value of one HiF8 code, straight from the table of docs/hif8.md#bit-layout."""
     bits = format(code, "08b")
     sign = -1.0 if bits[0] == "1" else 1.0
     a = bits[1:]  # b6..b0
@@ -78,7 +78,7 @@ def oracle_value(x: torch.Tensor) -> torch.Tensor:
 
 
 def oracle_quantize(x: torch.Tensor, scale_max: float, rowwise: bool) -> torch.Tensor:
-    """spec-hif8.md section 3 evaluated step by step in fp32 (the rounding Q from the oracle above)."""
+    """docs/hif8.md#scaled-fake-quantisation evaluated step by step in fp32 (the rounding Q from the oracle above)."""
     xf = x.detach().to(torch.float32)
     amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
     amax = torch.where(amax < torch.tensor(1e-8, dtype=torch.float32), torch.tensor(1e-8, dtype=torch.float32), amax)
@@ -100,7 +100,7 @@ def q(t, scale_max, rowwise=False):
 
 
 def oracle_quantize_amax(x: torch.Tensor, scale_max: float, amax: torch.Tensor) -> torch.Tensor:
-    """spec section 3 with a given amax (fp32): s = M / max(amax, 1e-8); Q(x s) / s."""
+    """docs/hif8.md#scaled-fake-quantisation with a given amax (fp32): s = M / max(amax, 1e-8); Q(x s) / s."""
     xf = x.to(torch.float32)
     floor = torch.tensor(1e-8, dtype=torch.float32)
     s = torch.tensor(scale_max, dtype=torch.float32) / torch.where(amax < floor, floor, amax)

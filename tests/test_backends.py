@@ -1,4 +1,4 @@
-"""Backend selection rules (design.md "Ops, backends and dispatch")."""
+"""Backend selection rules (docs/backends.md)."""
 
 import os
 import subprocess

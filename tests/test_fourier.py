@@ -1,4 +1,4 @@
-"""FlashI2V Fourier high-frequency filter (spec-flashi2v.md section 1) against an independent numpy oracle.
+"""FlashI2V Fourier high-frequency filter (docs/flashi2v.md#fourier-guidance) against an independent numpy oracle.
 
 The oracle below follows the spec's steps one sample at a time in float64 with numpy.fft and plain loops;
 it shares no code with ospfn.  Both backends (ref, and triton: the Triton interpreter on CPU, the compiled

@@ -1,4 +1,4 @@
-"""HiF8 codec (spec-hif8.md sections 1-2): every backend against the independent oracle in hif8_oracle.py."""
+"""HiF8 codec (docs/hif8.md): every backend against the independent oracle in hif8_oracle.py."""
 
 import math
 
@@ -39,7 +39,7 @@ def assert_codes_equal(got: torch.Tensor, want: torch.Tensor, inputs: torch.Tens
 
 
 def test_oracle_census():
-    """The oracle itself reproduces the census and checkpoints of spec section 1."""
+    """The oracle itself reproduces the census and checkpoints of docs/hif8.md#value-table-summary."""
     finite = [v for v in TABLE if math.isfinite(v)]
     assert len(finite) == 253
     assert sum(v > 0 for v in finite) == 126 and sum(v < 0 for v in finite) == 126 and finite.count(0.0) == 1

@@ -1,4 +1,4 @@
-"""Scaled HiF8 fake quantisation (spec-hif8.md section 3) against the step-by-step oracle."""
+"""Scaled HiF8 fake quantisation (docs/hif8.md#scaled-fake-quantisation) against the step-by-step oracle."""
 
 import math
 

@@ -175,7 +175,7 @@ def test_phi_shapes(conv3):
 
 
 BLOCK_LINEARS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]  # spec-hif8.md §3
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]  # docs/hif8.md#training-with-hif8
 
 
 @pytest.mark.parametrize("quant_attn", [None, "hif8"])

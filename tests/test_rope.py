@@ -1,4 +1,4 @@
-"""Wan2.1 3D RoPE (spec-skiparse-ssp.md section 4) against a complex-number reference written here."""
+"""Wan2.1 3D RoPE (docs/skiparse.md#true-positions-for-rope) against a complex-number reference written here."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Flow-matching schedule, samplers and loss (spec-flashi2v.md sections 2-3, spec-dit.md 5)."""
+"""Flow-matching schedule, samplers and loss (docs/training.md#noise-schedules, docs/training.md#mix-grpo-sde-step)."""
 
 import math
 

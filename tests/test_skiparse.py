@@ -1,4 +1,4 @@
-"""Skiparse-2D fold / unfold / switch / masks / positions (spec-skiparse-ssp.md sections 1-4).
+"""Skiparse-2D fold / unfold / switch / masks / positions (docs/skiparse.md).
 
 The oracle is brute-force index arithmetic over the padded grid written here from the spec's digit
 definitions, not a call into the code under test.

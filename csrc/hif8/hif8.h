@@ -1,6 +1,6 @@
 // HiFloat8 (HiF8) codec: header-only, dependency-free C++17.
 //
-// Normative spec: shared/docs/spec-hif8.md sections 1-2.  This header is the single C++ source of the
+// Format reference: docs/hif8.md (bit layout, rounding).  This header is the single C++ source of the
 // format: the CPU torch ops (csrc/ops/hif8_ops.cpp) and the Ascend C kernels include it, so the NPU code's
 // core logic is exercised by the CPU test-suite.  Nothing here allocates, throws or touches the standard
 // library beyond <cstdint>/<cstring>.

@@ -1,4 +1,4 @@
-"""OSP-Next corpus index (spec-dit.md section 4): the index file, its meta JSON files and the clip filter.
+"""OSP-Next corpus index (docs/training.md#video-data): the index file, its meta JSON files and the clip filter.
 
 Layout
 ------

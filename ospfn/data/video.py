@@ -1,6 +1,6 @@
 """Real video clips for training: decode with decord, resample to ``train_fps``, resize and crop to a bucket.
 
-Pipeline (spec-dit.md section 4): :func:`~ospfn.data.index.load_index` reads an OSP-Next index into
+Pipeline (docs/training.md#video-data): :func:`~ospfn.data.index.load_index` reads an OSP-Next index into
 :class:`~ospfn.data.index.ClipEntry` objects, :func:`~ospfn.data.index.filter_clips` keeps the usable clips, and
 :class:`VideoDataset` decodes them (decord, imported only when a video is opened), resamples the frames to
 ``train_fps`` (:mod:`ospfn.data.sampling`) and resizes and centre-crops them to the nearest-aspect bucket

@@ -1,4 +1,4 @@
-"""DiT configuration: the Wan2.1 / OSP-Next / FlashI2V family (spec-dit.md section 1, spec-skiparse-ssp.md 2)."""
+"""DiT configuration: the Wan2.1 / OSP-Next / FlashI2V family (docs/dit.md#presets, docs/skiparse.md#block-schedule)."""
 
 from __future__ import annotations
 

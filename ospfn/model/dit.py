@@ -1,4 +1,4 @@
-"""The DiT forward pass as pure functions over a flat parameter dict (spec-dit.md section 2).
+"""The DiT forward pass as pure functions over a flat parameter dict (docs/dit.md#forward-pass).
 
 Wan2.1 T2V; OSP-Next = the same network with the Skiparse block schedule (``skiparse_model_type="dual_end"``);
 FlashI2V = plus the Fourier embedding (here) and the latent shift phi (``flashi2v_shift``, applied by the
@@ -10,7 +10,7 @@ frozen per-call ``BlockContext`` and the ``LayoutTables`` of its layout; ``forwa
 Every block Linear runs through ``_linear`` (the one place a low-rank delta or quantisation applies); the
 context tokens are ``bc.text``; the loop is the one place blocks are run, skipped or cached.
 
-The residual stream is re-laid-out only at block inputs (spec-skiparse-ssp.md section 2):
+The residual stream is re-laid-out only at block inputs (docs/skiparse.md#block-schedule):
 full -> token: pad + fold; token <-> group: switch; group -> full: unfold + crop (``ospfn.parallel.relayout``:
 local permutations on one process, one all-to-all under SP).  In the folded layout the
 batch axis is (slot, batch) slot-major, so the time modulation and the text keys/values are broadcast over
@@ -55,7 +55,7 @@ __all__ = [
 
 
 def block_schedule(cfg: DiTConfig) -> list[str]:
-    """Layout of every block: "full", "token" or "group" (spec-skiparse-ssp.md section 2).
+    """Layout of every block: "full", "token" or "group" (docs/skiparse.md#block-schedule).
 
     >>> block_schedule(DiTConfig.preset("tiny"))
     ['full', 'full', 'token', 'group', 'token', 'group', 'full', 'full']
@@ -141,7 +141,7 @@ def flashi2v_shift(params: dict, cfg: DiTConfig, s: torch.Tensor) -> torch.Tenso
 
 
 def fourier_features(s: torch.Tensor, ratio) -> torch.Tensor:
-    """f_high(s) of spec-flashi2v.md section 1 for a [B, C, 1, H, W] (or [B, C, H, W]) first-frame latent, in fp32
+    """f_high(s) of docs/flashi2v.md#fourier-guidance for a [B, C, 1, H, W] (or [B, C, H, W]) first-frame latent, in fp32
     [B, C, 1, H, W] (the model broadcasts it over the latent frames)."""
     s = _as_frame(s, "fourier_features")
     return fourier_high_freq(s.float(), ratio)[:, :, None]

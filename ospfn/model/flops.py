@@ -1,4 +1,4 @@
-"""Forward FLOP counts of the DiT (spec-skiparse-ssp.md section 5: attention 4*N^2*C, linears 2*N*params)."""
+"""Forward FLOP counts of the DiT (docs/skiparse.md#compute-cost: attention 4*N^2*C, linears 2*N*params)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter names, shapes and initialisation of the DiT (Wan2.1 original key names, spec-dit.md section 3)."""
+"""Parameter names, shapes and initialisation of the DiT (Wan2.1 original key names, docs/dit.md#checkpoint-formats)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ospfn.model.config import DiTConfig
 
 __all__ = ["param_shapes", "init_params", "keeps_fp32", "block_linear_names"]
 
-# Linears inside the blocks: the ones HiF8 training quantises (spec-hif8.md section 3).
+# Linears inside the blocks: the ones HiF8 training quantises (docs/hif8.md#training-with-hif8).
 _BLOCK_LINEARS = (
     "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",

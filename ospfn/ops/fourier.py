@@ -1,4 +1,4 @@
-"""FlashI2V Fourier guidance: the high-frequency magnitude filter f_high(s) (spec-flashi2v.md section 1).
+"""FlashI2V Fourier guidance: the high-frequency magnitude filter f_high(s) (docs/flashi2v.md#fourier-guidance).
 
 Public ops (each takes ``backend=None|"ref"|"triton"``, see :mod:`ospfn.backends`):
 
@@ -6,7 +6,7 @@ Public ops (each takes ``backend=None|"ref"|"triton"``, see :mod:`ospfn.backends
   the (channel-mean) spectral magnitude, return the modulus (or real part) of the high-passed spatial signal
 * :func:`fourier_cutoff` -- the per-sample cutoff radius that :func:`fourier_high_freq` uses
 
-Semantics (spec section 1, steps 1-6), per sample b of ``s`` [B, C, H, W]:
+Semantics (docs/flashi2v.md#fourier-guidance, steps 1-6), per sample b of ``s`` [B, C, H, W]:
 
 1. ``F = fftshift(fft2(s, norm="backward"))`` over (H, W);
 2. radius map ``r[y, x] = sqrt((y - H//2)**2 + (x - W//2)**2)`` in bin-index units;
@@ -17,7 +17,7 @@ Semantics (spec section 1, steps 1-6), per sample b of ``s`` [B, C, H, W]:
 5. ``h = ifft2(ifftshift(F * M))``; output ``sqrt(re(h)**2 + im(h)**2 + 1e-12)`` (``return_abs=True``) or ``re(h)``;
 6. cast to ``s``'s dtype.
 
-Step 7 of the spec (repeating the [B, C, h, w] feature over the latent frames) is the caller's job.
+Step 7 of docs/flashi2v.md#fourier-guidance (repeating the [B, C, h, w] feature over the latent frames) is the caller's job.
 
 Decisions:
 

@@ -1,4 +1,4 @@
-"""HiFloat8 (HiF8) codec and scaled fake quantisation (spec-hif8.md sections 1-3).
+"""HiFloat8 (HiF8) codec and scaled fake quantisation (docs/hif8.md).
 
 Public ops (each takes ``backend=None|"ref"|"cpp"|"triton"``, see :mod:`ospfn.backends`):
 
@@ -212,7 +212,7 @@ def hif8_amax(x: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ref backend: pure PyTorch integer arithmetic on the fp32 bit pattern (spec-hif8.md section 2)
+# ref backend: pure PyTorch integer arithmetic on the fp32 bit pattern (docs/hif8.md#rounding)
 
 
 def _f64_to_f32_toward_zero(x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +261,7 @@ def _ref_encode(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _decode_table(device: torch.device) -> torch.Tensor:
-    """The 256 decoded values as fp32, built from the bit layout (spec-hif8.md section 1)."""
+    """The 256 decoded values as fp32, built from the bit layout (docs/hif8.md#bit-layout)."""
     c = torch.arange(256, dtype=torch.int32)
     a = c & 0x7F
     es = (a >> 4) & 1

@@ -166,7 +166,7 @@ def hif8_linear(
     amax_group=None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """HiF8 fake-quant linear with a straight-through backward (spec-hif8.md section 3).
+    """HiF8 fake-quant linear with a straight-through backward (docs/hif8.md#training-with-hif8).
 
     Forward ``y = Q(x) @ Q(W)^T + b`` with ``Q = hif8_quantize(., scale_max_fwd)`` (per-tensor dynamic scale);
     backward ``g_q = hif8_quantize(g, scale_max_bwd)``, ``dX = g_q @ Q(W)``, ``dW = g_q^T @ Q(x)`` (leading dims

@@ -198,7 +198,7 @@ def hif8_matmul(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``y = x @ W_q^T + b`` with the weight read from its 8-bit codes (spec-hif8.md section 4).
+    """``y = x @ W_q^T + b`` with the weight read from its 8-bit codes (docs/hif8.md#real-8-bit-weights).
 
     ``x`` [..., K] in float32, float16 or bfloat16; ``packed`` from :func:`hif8_pack` with shape [N, K];
     ``bias`` [N] (any float dtype, added in fp32) -> ``y`` [..., N] in x's dtype.  ``W_q = decode(codes) / s``

@@ -1,4 +1,4 @@
-"""3D rotary position embedding, Wan2.1 convention (spec-skiparse-ssp.md section 4).
+"""3D rotary position embedding, Wan2.1 convention (docs/skiparse.md#true-positions-for-rope).
 
 The head dim d is split into (t, h, w) parts of d - 4*floor(d/6), 2*floor(d/6), 2*floor(d/6) dims
 (44/42/42 for d = 128).  Within each part, consecutive (interleaved) pairs (x[2i], x[2i+1]) rotate by

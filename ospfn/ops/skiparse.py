@@ -1,4 +1,4 @@
-"""Skiparse-2D: the fixed-rule sparse layouts of OSP-Next (spec-skiparse-ssp.md sections 1-4).
+"""Skiparse-2D: the fixed-rule sparse layouts of OSP-Next (docs/skiparse.md).
 
 A sparse self-attention block runs on P^2 disjoint sub-sequences (P = ``ratio``) of the token grid
 (T, H, W).  Write h = P^2 a + P b + c and w = P^2 a' + P b' + c' (base-P digits, after padding H and W at

@@ -1,4 +1,4 @@
-"""Rectified-flow scheduling, sampling and the training loss (spec-flashi2v.md sections 2-3, spec-dit.md 5).
+"""Rectified-flow scheduling, sampling and the training loss (docs/training.md#noise-schedules, docs/training.md#mix-grpo-sde-step).
 
 Convention: x_sigma = sigma * eps + (1 - sigma) * x0, sigma in [0, 1] (1 = pure noise); the model predicts
 the velocity v = eps - x0 = dx/dsigma; sampling integrates from sigma = 1 down to 0, so d_sigma < 0.
@@ -111,7 +111,7 @@ def sde_step(
     generator: Optional[torch.Generator] = None,
     prev: Optional[torch.Tensor] = None,
 ):
-    """One stochastic step of Mix-GRPO (spec-dit.md section 5), returning (x_next, mean, std, log_prob).
+    """One stochastic step of Mix-GRPO (docs/training.md#mix-grpo-sde-step), returning (x_next, mean, std, log_prob).
 
     mu = x (1 + s^2 dt / (2 sigma)) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt;  x' = mu + s sqrt(-dt) eps,
     s = ``noise_level`` (default sigma).  ``prev`` evaluates the log-probability of a given x' instead of

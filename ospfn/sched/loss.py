@@ -1,4 +1,4 @@
-"""The flow-matching training objective for T2V and FlashI2V (spec-flashi2v.md section 2, spec-dit.md 4)."""
+"""The flow-matching training objective for T2V and FlashI2V (docs/flashi2v.md#training-objective, docs/training.md#flow-matching-loss)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sampling T2V and FlashI2V (I2V) videos with the functional DiT (spec-flashi2v.md sections 2-3).
+"""Sampling T2V and FlashI2V (I2V) videos with the functional DiT (docs/flashi2v.md#sampling).
 
 FlashI2V keeps the UNSHIFTED fp32 state z (z = eps at sigma = 1) and feeds z - phi(s) to the model; phi(s)
 and the Fourier features f_high(s) are computed once per sample and shared by every step and both CFG
