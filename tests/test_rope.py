@@ -89,3 +89,16 @@ def test_bad_inputs():
         rope_3d(torch.randn(1, 6, 2, 5), torch.zeros(6, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="x must be a float tensor"):
         rope_3d(torch.zeros(1, 6, 2, 16, dtype=torch.long), torch.zeros(6, 3, dtype=torch.long))
+
+
+def test_complex_and_real_rotation_agree():
+    """apply_rope multiplies complex numbers on CPU/CUDA and uses the real formula elsewhere (NPU): same values."""
+    from ospfn.ops.rope import _rotate_pairs
+
+    g = torch.Generator().manual_seed(3)
+    xf = torch.randn(2, 3, 5, 4, 8, 2, generator=g)
+    ang = torch.randn(2, 1, 5, 1, 8, generator=g)
+    c, s = torch.cos(ang), torch.sin(ang)
+    want = torch.stack([xf[..., 0] * c - xf[..., 1] * s, xf[..., 0] * s + xf[..., 1] * c], dim=-1)
+    torch.testing.assert_close(_rotate_pairs(xf, c, s, True), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(_rotate_pairs(xf, c, s, False), want)

@@ -78,9 +78,7 @@ def _layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Te
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in fp32, scaled by ``weight``, returned in x's dtype."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 def _slot_view(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -91,12 +89,12 @@ def _slot_view(x: torch.Tensor, batch: int) -> torch.Tensor:
 def _modulate(xn: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, batch: int) -> torch.Tensor:
     """xn * (1 + scale) + shift with [B, C] modulation broadcast over the folded slots (fp32)."""
     v = _slot_view(xn, batch)
-    return (v * (1 + scale[None, :, None, :]) + shift[None, :, None, :]).view(xn.shape)
+    return torch.addcmul(shift[None, :, None, :], v, 1 + scale[None, :, None, :]).view(xn.shape)
 
 
 def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, batch: int) -> torch.Tensor:
     """x + y * gate in fp32, cast back to x's dtype; gate [B, C] broadcast over slots."""
-    r = _slot_view(x.float(), batch) + _slot_view(y.float(), batch) * gate[None, :, None, :]
+    r = torch.addcmul(_slot_view(x.float(), batch), _slot_view(y.float(), batch), gate[None, :, None, :])
     return r.view(x.shape).to(x.dtype)
 
 
@@ -233,8 +231,9 @@ def _cross_attention(x, p: dict, bc: BlockContext, lay: LayoutTables):
     k = _rms_norm(k, p["cross_attn.norm_k.weight"], cfg.eps)
     G = x.shape[0] // bc.batch
     # text K/V are computed once per sample and tiled over the folded slots (slot-major batch)
-    k = k.view(bc.batch, -1, n_h, d).repeat(G, 1, 1, 1)
-    v = v.view(bc.batch, -1, n_h, d).repeat(G, 1, 1, 1)
+    k, v = k.view(bc.batch, -1, n_h, d), v.view(bc.batch, -1, n_h, d)
+    if G > 1:
+        k, v = k.repeat(G, 1, 1, 1), v.repeat(G, 1, 1, 1)
     o = attention(q.view(q.shape[0], q.shape[1], n_h, d), k, v, backend=bc.attn_backend)
     return _linear(o.reshape(o.shape[0], o.shape[1], cfg.dim), p, "cross_attn.o", bc, lay.rows)
 
@@ -255,7 +254,9 @@ def dit_block(x: torch.Tensor, params: dict, bc: BlockContext, lay: LayoutTables
     x = x + _cross_attention(h, params, bc, lay)
     h = _modulate(_layer_norm(x, cfg.eps), sh2, sc2, batch).to(x.dtype)
     f = _linear(h, params, "ffn.0", bc, lay.rows)
-    f = _linear(F.gelu(f, approximate="tanh"), params, "ffn.2", bc, lay.rows)
+    del h  # free the [n, dim] input and the [n, ffn_dim] pre-activation as soon as they are consumed:
+    f = F.gelu(f, approximate="tanh")  # (no grad) the peak is then ffn.0 output + GELU output, not also ffn.2's
+    f = _linear(f, params, "ffn.2", bc, lay.rows)
     return _gated_residual(x, f, g2, batch)
 
 
@@ -397,7 +398,9 @@ def _embed_latents(params, cfg, x, cond_image_latent, fourier_ratio, fourier_fea
         f = F.conv3d(f, params["fourier_embedding.0.weight"], params["fourier_embedding.0.bias"], stride=cfg.patch_size)
         f = F.conv3d(f, params["fourier_embedding.1.weight"], params["fourier_embedding.1.bias"])
         h = h + f
-    return h.flatten(2).transpose(1, 2)
+    # token-major and contiguous: a transposed (channel-major) residual stream makes every later elementwise op,
+    # LayerNorm and relayout stride through memory
+    return h.flatten(2).transpose(1, 2).contiguous()
 
 
 def _time_embed(params, cfg, t):

@@ -78,16 +78,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     G = c.shape[0]
     if c.shape[1:] != (S, D // 2):
         raise ValueError(f"apply_rope: cos/sin must have shape [G, {S}, {D // 2}], got {tuple(cos.shape)}")
-    if G not in (1, B):
-        if B % G:
-            raise ValueError(f"apply_rope: the leading size of cos/sin ({G}) must be 1 or divide the batch ({B})")
-        c = c.repeat_interleave(B // G, dim=0)
-        s = s.repeat_interleave(B // G, dim=0)
-    c, s = c[:, :, None, :], s[:, :, None, :]
-    xf = x.to(torch.float32).reshape(B, S, H, D // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+    if B % G:
+        raise ValueError(f"apply_rope: the leading size of cos/sin ({G}) must be 1 or divide the batch ({B})")
+    # slot-major: view the batch as [G, B/G] and broadcast the tables over B/G and the heads (no copies)
+    xf = x.to(torch.float32).contiguous().view(G, B // G, S, H, D // 2, 2)
+    out = _rotate_pairs(xf, c[:, None, :, None, :], s[:, None, :, None, :], x.device.type in ("cpu", "cuda"))
     return out.reshape(B, S, H, D).to(x.dtype)
+
+
+def _rotate_pairs(xf: torch.Tensor, c: torch.Tensor, s: torch.Tensor, use_complex: bool) -> torch.Tensor:
+    """(x0, x1) -> (x0 c - x1 s, x0 s + x1 c) over the last dim of size 2 (fp32, c/s broadcast)."""
+    if use_complex:
+        # one complex multiply (x0 + i x1)(c + i s): the products and sums of the real formula, in one pass
+        # over x instead of four multiplies, an add, a sub and a stack
+        return torch.view_as_real(torch.view_as_complex(xf) * torch.complex(c, s))
+    # complex dtypes are not supported on every device (e.g. Ascend): the real formula
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
 
 
 def rope_3d(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0, backend: str | None = None) -> torch.Tensor:
