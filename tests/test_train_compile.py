@@ -11,7 +11,6 @@ a weight by <= lr * 1e-4 and the weights must agree to 1e-5 (lr = 1e-3: a hundre
 """
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -93,13 +92,12 @@ def test_compiled_blocks_train_like_eager(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     _close(eager.named, comp.named, WEIGHT_ATOL)
     _close(eager.ema.shadow, comp.ema.shadow, WEIGHT_ATOL)
-    # the blocks really ran compiled: one dynamo frame / graph per block layout (full, token, group) -- the
-    # eight blocks share them -- and the model forward around the blocks was never traced
-    assert counters["frames"]["ok"] == 3, dict(counters["frames"])
-    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
-    breaks = dict(counters["graph_break"])
-    if breaks:  # allowed (the step is still right) but reported, for the model to remove them
-        warnings.warn(f"compiled DiT blocks graph-break: {breaks}")
+    # the blocks really ran compiled, and only the blocks: the eight blocks share at most one dynamo frame /
+    # graph per block layout (full, token, group; after the first shape change dynamo may serve the other
+    # layouts with one dynamic-shape graph), without graph breaks; the forward around them was never traced
+    frames, graphs = counters["frames"]["ok"], counters["stats"]["unique_graphs"]
+    assert 1 <= frames <= 3 and 1 <= graphs <= 3, (dict(counters["frames"]), dict(counters["stats"]))
+    assert not dict(counters["graph_break"]), dict(counters["graph_break"])
 
 
 def _fsdp_steps(rank, world, cfg: dict, steps: int):
@@ -126,5 +124,4 @@ def test_compiled_blocks_under_fsdp(tmp_path):
     assert not any(any(r["compiled"]) for r in eager)
     assert comp[0]["losses"] == pytest.approx(eager[0]["losses"], rel=LOSS_RTOL)
     _close(eager[0]["weights"], comp[0]["weights"], WEIGHT_ATOL)
-    if comp[0]["breaks"]:
-        warnings.warn(f"compiled DiT blocks graph-break under FSDP2: {comp[0]['breaks']}")
+    assert not comp[0]["breaks"], comp[0]["breaks"]  # no graph breaks in the compiled blocks under FSDP2 either
