@@ -53,3 +53,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def config_with(base: dict, out_dir, **changes) -> dict:
+    """A deep copy of the config dict ``base`` with ``out_dir`` set and dotted keys (``"train.steps"``) changed."""
+    import json
+
+    cfg = json.loads(json.dumps(base))
+    cfg["out_dir"] = str(out_dir)
+    for path, value in changes.items():
+        *keys, last = path.split(".")
+        node = cfg
+        for k in keys:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return cfg

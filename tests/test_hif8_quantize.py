@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from conftest import backend_device
-from hif8_oracle import TABLE, oracle_quantize
+from hif8_oracle import TABLE, assert_bits_equal, oracle_quantize
 
 from ospfn.ops import hif8_quantize
 
@@ -16,12 +16,7 @@ def quant(x, backend, **kw):
     return hif8_quantize(x.to(backend_device(backend)), backend=backend, **kw).cpu()
 
 
-def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(got), nan)
-    bad = (got != want) & ~nan
-    assert not bad.any(), f"{int(bad.sum())} mismatches, e.g. got {got[bad][:5].tolist()} want {want[bad][:5].tolist()}"
+assert_same = assert_bits_equal  # bit-exact, NaN positions equal
 
 
 def activations(shape, seed, dtype=torch.float32):

@@ -10,9 +10,9 @@ text encoder's key bias: softmax ignores it), so these tests use eps = 1e-8, und
 a weight by <= lr * 1e-4 and the weights must agree to 1e-5 (lr = 1e-3: a hundredth of one step).
 """
 
-import json
 
 import pytest
+from conftest import config_with
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
@@ -35,15 +35,7 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 
 def _cfg(out, **changes) -> dict:
-    cfg = json.loads(json.dumps(CFG))
-    cfg["out_dir"] = str(out)
-    for path, value in changes.items():
-        *keys, last = path.split(".")
-        node = cfg
-        for k in keys:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return cfg
+    return config_with(CFG, out, **changes)
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import config_with
 import torch
 import yaml
 from dist_harness import run_ranks
@@ -24,14 +25,7 @@ CFG = {
 
 
 def _cfg_file(tmp: Path, out: Path, **changes) -> Path:
-    cfg = json.loads(json.dumps(CFG))
-    cfg["out_dir"] = str(out)
-    for path, value in changes.items():
-        node = cfg
-        *keys, last = path.split(".")
-        for k in keys:
-            node = node.setdefault(k, {})
-        node[last] = value
+    cfg = config_with(CFG, out, **changes)
     p = tmp / f"{out.name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
