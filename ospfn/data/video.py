@@ -27,8 +27,6 @@ from ospfn.data._checks import check_sampling_args, is_int
 from ospfn.data._decode import decord, hint
 from ospfn.data.buckets import _check_buckets, _resize_crop, choose_bucket
 from ospfn.data.index import ClipEntry, _check_entry
-# the pipeline's other steps, still importable from here (ospfn.train.build does); new code: ``from ospfn.data import``
-from ospfn.data.index import filter_clips as filter_clips, load_index as load_index
 from ospfn.data.sampling import resample_offsets
 
 __all__ = ["VideoDataset"]

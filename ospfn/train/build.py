@@ -40,7 +40,7 @@ def build_parts(cfg) -> RunParts:
             cfg.data.num_samples, frames=cfg.data.frames, size=tuple(cfg.data.size), split="train", seed=cfg.data.seed
         )
     else:
-        from ospfn.data.video import VideoDataset, filter_clips, load_index
+        from ospfn.data import VideoDataset, filter_clips, load_index
 
         if not cfg.data.index or not Path(cfg.data.index).exists():
             raise TrainError(f"data.index: no such file: {cfg.data.index}")

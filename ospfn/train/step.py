@@ -8,7 +8,8 @@ differs under torch.distributed (text batching, the SP gradient sum, the loss al
 DCP checkpoints, the export gather).  Both are built by ``ospfn.train.build``.
 
 The model is an ``ospfn.nn.DiT`` (one module per block), which is what lets ``compile_blocks`` compile
-each block on its own: the re-layouts and collectives between blocks stay in the eager model forward.
+each block on its own: the Skiparse re-layouts (SSP all-to-alls) between blocks stay in the eager model
+forward; a full-attention block's Ulysses all-to-alls are inside the block and dynamo traces them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class RunParts(NamedTuple):
 def compile_blocks(dit: nn.Module, **compile_kwargs) -> int:
     """``torch.compile`` every block of an ``ospfn.nn.DiT`` in place (``block.compile()``, per block as
     OSP-Next does): module names, parameters and FSDP2 hooks are unchanged, and everything between blocks
-    (Skiparse re-layouts, sequence-parallel collectives, the head) stays in the eager model forward.  Under
+    (Skiparse re-layouts and their all-to-alls, the head) stays in the eager model forward; the Ulysses
+    all-to-alls of a full-attention block are part of that block's graph.  Under
     FSDP2 call it after ``fully_shard``.  Blocks of one layout share their compiled graphs (they differ in
     parameters only), so a model compiles one graph per layout, not per block.  Returns the number of
     blocks compiled."""
