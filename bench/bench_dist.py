@@ -37,12 +37,12 @@ def _step_ranks(rank, world, U, S):
     t = torch.tensor([500.0])
     sched = M.block_schedule(cfg)
     sparse = {f"block{i}:{k}" for i, k in enumerate(sched) if k != "full"}
-    M.forward(params, cfg, x, t, ctx, parallel=st).sum().backward()  # warm-up
+    M.forward(params, cfg, x, t, ctx, run=M.RunOptions(parallel=st)).sum().backward()  # warm-up
     torch.distributed.barrier()
     t0 = time.perf_counter()
     with comm_stats() as cs:
         for _ in range(STEPS):
-            M.forward(params, cfg, x, t, ctx, parallel=st).sum().backward()
+            M.forward(params, cfg, x, t, ctx, run=M.RunOptions(parallel=st)).sum().backward()
     torch.distributed.barrier()
     dt = (time.perf_counter() - t0) / STEPS
     return {

@@ -117,8 +117,10 @@ class DiT(nn.Module):
     def _run_block(self, i, x, bc, lay):
         return getattr(self.blocks, str(i))(x, bc, lay)
 
-    def forward(self, x, t, context, **kwargs):
-        return dit.forward(self.params(), self.cfg, x, t, context, block_fn=self._run_block, **kwargs)
+    def forward(self, x, t, context, *, image: Optional[dit.ImageCond] = None, run: Optional[dit.RunOptions] = None):
+        """``ospfn.model.forward`` on this module's parameters, each block run by its ``DiTBlock``."""
+        run = (run or dit.RunOptions()).replace(block_fn=self._run_block)
+        return dit.forward(self.params(), self.cfg, x, t, context, image=image, run=run)
 
     def flashi2v_shift(self, s):
         return dit.flashi2v_shift(self.params(), self.cfg, s)

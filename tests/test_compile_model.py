@@ -34,7 +34,7 @@ def _setup(mode, seed=0):
     ctx = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g)
     kw = {}
     if cfg.i2v == "flashi2v":
-        kw = dict(cond_image_latent=torch.randn(2, cfg.in_dim, 1, 10, 14, generator=g), fourier_ratio=0.3)
+        kw = dict(image=M.ImageCond(latent=torch.randn(2, cfg.in_dim, 1, 10, 14, generator=g), fourier_ratio=0.3))
     return cfg, params, (x, t, ctx), kw
 
 
@@ -119,8 +119,9 @@ def test_triton_backend_compiles_on_cuda(mode):
     cfg, params, args, kw = _setup(mode)
     params = {k: v.cuda() for k, v in params.items()}
     args = tuple(a.cuda() for a in args)
-    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    fn = lambda p, x, t, c: M.forward(p, cfg, x, t, c, attn_backend="triton", **kw)  # noqa: E731
+    if "image" in kw:
+        kw = dict(image=M.ImageCond(latent=kw["image"].latent.cuda(), fourier_ratio=0.3))
+    fn = lambda p, x, t, c: M.forward(p, cfg, x, t, c, run=M.RunOptions(attn_backend="triton"), **kw)  # noqa: E731
     eager = fn(params, *args)
     compiled = torch.compile(fn, fullgraph=True)(params, *args)
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)

@@ -90,7 +90,7 @@ def _ranks_model(rank, world, combos, heads, quant):
         st = init_parallel(ParallelConfig(skiparse_sp=S, ulysses_sp=U))
         p = {k: v.clone().requires_grad_() for k, v in params.items()}
         with comm_stats() as cs:
-            out = M.forward(p, cfg, x, t, ctx, parallel=st)
+            out = M.forward(p, cfg, x, t, ctx, run=M.RunOptions(parallel=st))
         (out * go).sum().backward()
         sum_sp_grads(p.values(), st)
         err_out = float((out.detach() - ref_out).abs().max())
@@ -107,11 +107,11 @@ def _ranks_bad(rank, world, case):
     elif case == "skiparse_sp":
         cfg, params, x, t, ctx = _tiny()
         st = init_parallel(ParallelConfig(skiparse_sp=3, ulysses_sp=1))
-        M.forward(params, cfg, x, t, ctx, parallel=st)
+        M.forward(params, cfg, x, t, ctx, run=M.RunOptions(parallel=st))
     elif case == "grid":
         cfg, params, x, t, ctx = _tiny()
         st = init_parallel(ParallelConfig(skiparse_sp=1, ulysses_sp=world))
-        M.forward(params, cfg, x[..., :2, :2], t, ctx, parallel=st)  # 2 x 1 x 1 = 2 tokens on 4 ranks
+        M.forward(params, cfg, x[..., :2, :2], t, ctx, run=M.RunOptions(parallel=st))  # 2 x 1 x 1 = 2 tokens on 4 ranks
     return None
 
 

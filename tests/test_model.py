@@ -91,7 +91,7 @@ def test_grad_checkpoint_gives_same_gradients():
     grads = []
     for ckpt in (False, True):
         p = {k: v.clone().requires_grad_() for k, v in params.items()}
-        M.forward(p, cfg, x, t, ctx, grad_checkpoint=ckpt).square().mean().backward()
+        M.forward(p, cfg, x, t, ctx, run=M.RunOptions(grad_checkpoint=ckpt)).square().mean().backward()
         grads.append([v.grad for v in p.values()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -119,7 +119,7 @@ def test_flashi2v_at_init_is_t2v_bit_for_bit():
     t2v_params = {k: params[k] for k in M.param_shapes(cfg_t2v)}
     x, t, ctx = inputs(cfg)
     s = torch.randn(2, 16, 1, 10, 14)
-    assert torch.equal(M.forward(params, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3), M.forward(t2v_params, cfg_t2v, x, t, ctx))
+    assert torch.equal(M.forward(params, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.3)), M.forward(t2v_params, cfg_t2v, x, t, ctx))
     phi = M.flashi2v_shift(params, cfg, s)
     assert phi.shape == (2, 16, 1, 10, 14) and phi.dtype == torch.float32 and torch.equal(phi, torch.zeros_like(phi))
 
@@ -129,16 +129,16 @@ def test_flashi2v_branches_change_the_output_when_trained():
     base = perturbed(M.init_params(cfg), skip=("fourier_embedding.", "learnable_proj."))
     x, t, ctx = inputs(cfg)
     s = torch.randn(2, 16, 1, 10, 14)
-    y0 = M.forward(base, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3)
+    y0 = M.forward(base, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.3))
     p = dict(base)
     p["fourier_embedding.1.weight"] = torch.randn_like(p["fourier_embedding.1.weight"]) * 0.05
-    assert (M.forward(p, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3) - y0).abs().max() > 1e-4
+    assert (M.forward(p, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.3)) - y0).abs().max() > 1e-4
     p = dict(base)
     p["learnable_proj.proj.2.weight"] = torch.randn_like(p["learnable_proj.proj.2.weight"]) * 0.05
     phi = M.flashi2v_shift(p, cfg, s)
     assert phi.abs().max() > 1e-3
     # the model itself does not apply phi (the caller feeds z - phi): forward is unchanged
-    assert torch.equal(M.forward(p, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3), y0)
+    assert torch.equal(M.forward(p, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.3)), y0)
 
 
 def test_flashi2v_matches_reference_with_fourier_branch():
@@ -147,9 +147,9 @@ def test_flashi2v_matches_reference_with_fourier_branch():
     x, t, ctx = inputs(cfg)
     s = torch.randn(2, 16, 1, 10, 14)
     f = M.fourier_features(s, 0.3)
-    out = M.forward(params, cfg, x, t, ctx, fourier_feats=f)
+    out = M.forward(params, cfg, x, t, ctx, image=M.ImageCond(fourier_feats=f))
     torch.testing.assert_close(out, ref(params, cfg, x, t, ctx, fourier=f), rtol=1e-4, atol=1e-5)
-    assert torch.equal(out, M.forward(params, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.3))
+    assert torch.equal(out, M.forward(params, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.3)))
 
 
 @pytest.mark.parametrize("conv3", [False, True])
@@ -243,7 +243,7 @@ def test_hif8_mode_quantises_exactly_the_block_linears(quant_attn, monkeypatch):
         # reference's; SDPA's other summation order moves values across rounding midpoints); with quant_attn the
         # reference's float64 RoPE does that too, so there the call-by-call checks above are the test
         want = ref(params, cfg, x, t, ctx, block_linear=lambda a, w, b: torch.nn.functional.linear(q15(a), q15(w), b))
-        torch.testing.assert_close(M.forward(params, cfg, x, t, ctx, attn_backend="ref"), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(M.forward(params, cfg, x, t, ctx, run=M.RunOptions(attn_backend="ref")), want, rtol=1e-4, atol=1e-5)
 
 
 def test_hif8_mode_gradients_flow():
@@ -346,8 +346,32 @@ def test_forward_input_errors():
     with pytest.raises(ValueError, match=r"context must be \[2, L, text_dim=32\]"):
         M.forward(params, cfg, x, t, ctx[..., :5])
     cfg_i2v = cfg.replace(i2v="flashi2v")
-    with pytest.raises(ValueError, match=r"needs cond_image_latent and fourier_ratio"):
-        M.forward(M.init_params(cfg_i2v), cfg_i2v, x, t, ctx)
+    p_i2v = M.init_params(cfg_i2v)
+    s = torch.randn(2, 16, 1, 10, 14)
+    with pytest.raises(ValueError, match=r"FlashI2V model .* needs image=ImageCond"):
+        M.forward(p_i2v, cfg_i2v, x, t, ctx)
+    with pytest.raises(ValueError, match=r"ImageCond needs fourier_feats, or latent and fourier_ratio .*fourier_ratio=None"):
+        M.forward(p_i2v, cfg_i2v, x, t, ctx, image=M.ImageCond(latent=s))
+    with pytest.raises(ValueError, match=r"apply_shift=True\) needs latent"):
+        M.forward(p_i2v, cfg_i2v, x, t, ctx, image=M.ImageCond(fourier_feats=M.fourier_features(s, 0.1), apply_shift=True))
+    with pytest.raises(ValueError, match=r"cfg.i2v = 'none' takes none"):
+        M.forward(params, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.1))
+    with pytest.raises(TypeError, match=r"run must be an ospfn.model.RunOptions or None, got dict"):
+        M.forward(params, cfg, x, t, ctx, run={"attn_backend": "ref"})
+    with pytest.raises(TypeError, match=r"image must be an ospfn.model.ImageCond or None, got Tensor"):
+        M.forward(p_i2v, cfg_i2v, x, t, ctx, image=s)
+
+
+def test_image_cond_apply_shift_is_the_shifted_input():
+    cfg = M.DiTConfig.preset("tiny", i2v="flashi2v")
+    params = perturbed(M.init_params(cfg))
+    x, t, ctx = inputs(cfg)
+    s = torch.randn(2, 16, 1, 10, 14)
+    shifted = x - M.flashi2v_shift(params, cfg, s)
+    want = M.forward(params, cfg, shifted, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.4))
+    got = M.forward(params, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.4, apply_shift=True))
+    assert torch.equal(got, want)
+    assert (M.forward(params, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.4)) - want).abs().max() > 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ nn shells
@@ -366,6 +390,6 @@ def test_module_shell_is_the_functional_model():
         leaf(torch.ones(1, cfg.dim))
     x, t, ctx = inputs(cfg)
     s = torch.randn(2, 16, 1, 10, 14)
-    assert torch.equal(net(x, t, ctx, cond_image_latent=s, fourier_ratio=0.2), M.forward(params, cfg, x, t, ctx, cond_image_latent=s, fourier_ratio=0.2))
-    net(x, t, ctx, cond_image_latent=s, fourier_ratio=0.2).sum().backward()
+    assert torch.equal(net(x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.2)), M.forward(params, cfg, x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.2)))
+    net(x, t, ctx, image=M.ImageCond(latent=s, fourier_ratio=0.2)).sum().backward()
     assert all(p.grad is not None for n, p in net.named_parameters() if not n.startswith("learnable_proj"))

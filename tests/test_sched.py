@@ -113,8 +113,8 @@ def test_integrating_z_equals_integrating_the_shifted_state():
     sig = inference_sigmas(6, 7.0)
     for i in range(6):
         t = torch.full((1,), 1000.0 * float(sig[i]))
-        vu = M.forward(params, cfg, zs, t, neg, fourier_feats=f)
-        vc = M.forward(params, cfg, zs, t, ctx, fourier_feats=f)
+        vu = M.forward(params, cfg, zs, t, neg, image=M.ImageCond(fourier_feats=f))
+        vc = M.forward(params, cfg, zs, t, ctx, image=M.ImageCond(fourier_feats=f))
         zs = zs + (vu + 3.0 * (vc - vu)) * float(sig[i + 1] - sig[i])
     torch.testing.assert_close(z, zs + p, rtol=1e-5, atol=1e-5)
 

@@ -1,8 +1,12 @@
 """The DiT forward pass as pure functions over a flat parameter dict (docs/dit.md#forward-pass).
 
 Wan2.1 T2V; OSP-Next = the same network with the Skiparse block schedule (``skiparse_model_type="dual_end"``);
-FlashI2V = plus the Fourier embedding (here) and the latent shift phi (``flashi2v_shift``, applied by the
-caller: the sampler and the loss feed ``z - phi(s)``).
+FlashI2V = plus the Fourier embedding (here) and the latent shift phi (``flashi2v_shift``: the sampler
+feeds ``z - phi(s)``; the loss asks ``forward`` to subtract it, ``ImageCond(apply_shift=True)``).
+
+``forward(params, cfg, x, t, context, *, image=None, run=None)``: what the model sees (latents, timesteps,
+context tokens, the FlashI2V first-frame condition ``ImageCond``) is separate from how the call runs
+(``RunOptions``: attention backend, checkpointing, the parallel layout, per-block hooks).
 
 One loop runs the blocks, on one process or many: the single-process model is the sequence-parallel one on a
 trivial mesh (``ParallelState.single``).  Each block is ``dit_block(x, params_of_block, bc, lay)`` with a
@@ -19,6 +23,7 @@ the P^2 slots instead of being materialised P^2 times (an improvement over the r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -42,6 +47,8 @@ from ospfn.parallel import ParallelState, all_gather_seq, check_model_parallel, 
 
 __all__ = [
     "forward",
+    "ImageCond",
+    "RunOptions",
     "dit_block",
     "block_params",
     "block_schedule",
@@ -275,7 +282,53 @@ def block_params(params: dict, num_layers: int) -> list[dict]:
 # forward
 
 
-def _check_inputs(params, cfg, x, t, context):
+@dataclass(frozen=True)
+class ImageCond:
+    """The FlashI2V first-frame condition of one ``forward`` call (``cfg.i2v == "flashi2v"`` only).
+
+    ``latent``: the first-frame latent s [B, C, 1, H, W].  ``fourier_ratio`` (float or [B]) with ``latent``
+    gives the Fourier features f_high(s); or pass ``fourier_feats`` = ``fourier_features(s, ratio)``
+    precomputed (the sampler computes them once for all steps).  ``apply_shift=True`` subtracts
+    ``flashi2v_shift(params, cfg, latent)`` from x inside the call, so phi is evaluated where the parameters
+    live (under FSDP2 they are materialised only during the module's forward); ``x - flashi2v_shift(...)``
+    passed directly is the same computation.
+    """
+
+    latent: Optional[torch.Tensor] = None
+    fourier_ratio: object = None
+    fourier_feats: Optional[torch.Tensor] = None
+    apply_shift: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one ``forward`` call runs; none of it changes the result beyond floating-point rounding.
+
+    ``attn_backend``: the attention backend (None: dispatch's default, see ``ospfn.backends``).
+    ``grad_checkpoint``: recompute each block in backward.  ``parallel``: an
+    ``ospfn.parallel.ParallelState`` to run sequence-parallel over its SP group (every rank gets the same
+    inputs and returns the full output; Skiparse blocks keep whole sub-sequences per rank, one all-to-all
+    per layout change; full blocks use Ulysses; gradients of the replicated parameters are partial per rank:
+    sum them with ``ospfn.parallel.sum_sp_grads``).  ``amax_group``: the process group HiF8 amaxes are
+    reduced over (default: the SP group under SP, else local).  ``block_fn(i, x, bc, lay)`` replaces
+    ``dit_block(x, block_params[i], bc, lay)`` (the ``ospfn.nn`` module shells route blocks through their
+    submodules this way, for FSDP2 / per-block ``torch.compile``).  ``block_hook(i, layout, x)`` sees the
+    local stream after each block.
+    """
+
+    attn_backend: Optional[str] = None
+    grad_checkpoint: bool = False
+    parallel: Optional[ParallelState] = None
+    amax_group: object = None
+    block_fn: Optional[Callable] = None
+    block_hook: Optional[Callable[[int, str, torch.Tensor], None]] = None
+
+    def replace(self, **changes) -> "RunOptions":
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_inputs(params, cfg, x, t, context, image, run):
     fn = "forward"
     if not isinstance(cfg, DiTConfig):
         raise TypeError(f"{fn}: cfg must be a DiTConfig, got {type(cfg).__name__}")
@@ -293,6 +346,22 @@ def _check_inputs(params, cfg, x, t, context):
         raise ValueError(f"{fn}: context must be [{B}, L, text_dim={cfg.text_dim}], got {getattr(context, 'shape', context)!r}")
     if "patch_embedding.weight" not in params:
         raise KeyError(f"{fn}: params lacks 'patch_embedding.weight' (use init_params or load_checkpoint)")
+    if run is not None and not isinstance(run, RunOptions):
+        raise TypeError(f"{fn}: run must be an ospfn.model.RunOptions or None, got {type(run).__name__}")
+    if image is not None and not isinstance(image, ImageCond):
+        raise TypeError(f"{fn}: image must be an ospfn.model.ImageCond or None, got {type(image).__name__}")
+    if cfg.i2v != "flashi2v":
+        if image is not None:
+            raise ValueError(f"{fn}: image= is the FlashI2V condition, but cfg.i2v = {cfg.i2v!r} takes none")
+        return
+    if image is None:
+        raise ValueError(f"{fn}: a FlashI2V model (cfg.i2v='flashi2v') needs image=ImageCond(latent=s, fourier_ratio=r) "
+                         "or ImageCond(fourier_feats=fourier_features(s, r))")  # fmt: skip
+    if image.fourier_feats is None and (image.latent is None or image.fourier_ratio is None):
+        raise ValueError(f"{fn}: ImageCond needs fourier_feats, or latent and fourier_ratio (got latent="
+                         f"{None if image.latent is None else tuple(image.latent.shape)}, fourier_ratio={image.fourier_ratio!r})")  # fmt: skip
+    if image.apply_shift and image.latent is None:
+        raise ValueError(f"{fn}: ImageCond(apply_shift=True) needs latent (the first-frame latent s phi is applied to)")
 
 
 def forward(
@@ -302,47 +371,43 @@ def forward(
     t: torch.Tensor,
     context: torch.Tensor,
     *,
-    cond_image_latent: Optional[torch.Tensor] = None,
-    fourier_ratio=None,
-    fourier_feats: Optional[torch.Tensor] = None,
-    attn_backend: Optional[str] = None,
-    grad_checkpoint: bool = False,
-    amax_group=None,
-    block_hook: Optional[Callable[[int, str, torch.Tensor], None]] = None,
-    block_fn: Optional[Callable] = None,
-    parallel=None,
-    shift_cond: Optional[torch.Tensor] = None,
+    image: Optional[ImageCond] = None,
+    run: Optional[RunOptions] = None,
 ) -> torch.Tensor:
     """Predicted velocity, fp32 [B, out_dim, T, H, W].
 
-    x: latents [B, in_dim, T, H, W] (for FlashI2V already shifted: ``z - flashi2v_shift(...)``); t: [B] float
-    timesteps (1000 * sigma); context: [B, L, text_dim] text features (zero-padded, no mask).
-    FlashI2V (``cfg.i2v == "flashi2v"``): give either ``cond_image_latent`` s [B, C, 1, H, W] with
-    ``fourier_ratio`` (float or [B]) or precomputed ``fourier_feats`` = ``fourier_features(s, ratio)``.
-    ``attn_backend`` selects the attention backend; ``grad_checkpoint`` recomputes each block in backward;
-    ``amax_group`` is passed to HiF8 linears; ``block_hook(i, layout, x)`` sees the stream after each block.
-    ``block_fn(i, x, bc, lay)`` replaces ``dit_block(x, block_params[i], bc, lay)`` (the ``ospfn.nn`` module
-    shells route blocks through their submodules this way, for FSDP2 / per-block ``torch.compile``).
-    ``shift_cond`` (FlashI2V): subtract ``flashi2v_shift(params, cfg, shift_cond)`` from x first, so phi is
-    evaluated inside the call (needed where parameters are only materialised during a module's forward,
-    e.g. under FSDP2); ``x - flashi2v_shift(...)`` passed directly is the same computation.
-    ``parallel`` (``ospfn.parallel.ParallelState``) runs the model sequence-parallel over the state's SP group:
-    every rank gets the same inputs and returns the full output; Skiparse blocks keep whole sub-sequences
-    per rank (one all-to-all per layout change), full blocks use Ulysses.  Gradients of the (replicated)
-    parameters are then partial per rank: sum them over the SP group (``ospfn.parallel.sum_sp_grads``).
+    x: latents [B, in_dim, T, H, W] (for FlashI2V shifted, ``z - flashi2v_shift(...)``, unless
+    ``image.apply_shift``); t: [B] float timesteps (1000 * sigma); context: [B, L, text_dim] context tokens
+    (zero-padded text features, no mask).  ``image``: the FlashI2V first-frame condition (``ImageCond``),
+    required by ``cfg.i2v == "flashi2v"`` and refused otherwise.  ``run``: how the call runs
+    (``RunOptions``: attention backend, gradient checkpointing, sequence parallelism, block hooks).
+
+    Example::
+
+        >>> import torch
+        >>> from ospfn.model import DiTConfig, RunOptions, forward, init_params
+        >>> cfg = DiTConfig.preset("tiny")
+        >>> params = init_params(cfg, seed=0)
+        >>> x = torch.randn(1, cfg.in_dim, 3, 8, 8)
+        >>> v = forward(params, cfg, x, torch.tensor([500.0]), torch.randn(1, 4, cfg.text_dim),
+        ...             run=RunOptions(attn_backend="torch"))
+        >>> v.shape
+        torch.Size([1, 16, 3, 8, 8])
     """
-    _check_inputs(params, cfg, x, t, context)
-    mesh = parallel if parallel is not None else ParallelState.single(x.device)
+    _check_inputs(params, cfg, x, t, context, image, run)
+    run = RunOptions() if run is None else run
+    mesh = run.parallel if run.parallel is not None else ParallelState.single(x.device)
+    amax_group = run.amax_group
     if mesh.sp_size > 1 and cfg.quant == "hif8" and amax_group is None:
         amax_group = mesh.sp_group  # SP ranks must quantise with one amax
     B = x.shape[0]
     pt, ph, pw = cfg.patch_size
     grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
     wdtype = params["patch_embedding.weight"].dtype
-    if shift_cond is not None:
-        x = x - flashi2v_shift(params, cfg, shift_cond)
+    if image is not None and image.apply_shift:
+        x = x - flashi2v_shift(params, cfg, image.latent)
 
-    x_tok = _embed_latents(params, cfg, x, cond_image_latent, fourier_ratio, fourier_feats, wdtype)
+    x_tok = _embed_latents(params, cfg, x, image, wdtype)
     e, e0 = _time_embed(params, cfg, t)
     ctx = F.linear(context.to(wdtype), params["text_embedding.0.weight"], params["text_embedding.0.bias"])
     ctx = F.linear(F.gelu(ctx, approximate="tanh"), params["text_embedding.2.weight"], params["text_embedding.2.bias"])
@@ -351,7 +416,8 @@ def forward(
     if mesh.sp_size > 1:
         check_model_parallel(cfg, mesh, grid)
     tables = {kind: layout_tables(cfg, grid, kind, B, mesh, x.device) for kind in set(schedule)}
-    bc = BlockContext(cfg, B, e0, ctx, mesh, attn_backend, amax_group)
+    bc = BlockContext(cfg, B, e0, ctx, mesh, run.attn_backend, amax_group)
+    block_fn, block_hook = run.block_fn, run.block_hook
     per_block = None if block_fn is not None else block_params(params, cfg.num_layers)
 
     n_local = x_tok.shape[1] // mesh.sp_size
@@ -362,13 +428,13 @@ def forward(
             x_loc = relayout(x_loc, grid, cfg.sparse_ratio, cur, kind, mesh, batch=B)
             cur = kind
             if block_fn is None:
-                run, args = dit_block, (per_block[i], bc, tables[kind])
+                fn, args = dit_block, (per_block[i], bc, tables[kind])
             else:  # a module block uses its own parameters (under FSDP2 the model's dict holds other units' shards)
-                run, args = functools.partial(block_fn, i), (bc, tables[kind])
-            if grad_checkpoint and torch.is_grad_enabled():
-                x_loc = checkpoint(run, x_loc, *args, use_reentrant=False)
+                fn, args = functools.partial(block_fn, i), (bc, tables[kind])
+            if run.grad_checkpoint and torch.is_grad_enabled():
+                x_loc = checkpoint(fn, x_loc, *args, use_reentrant=False)
             else:
-                x_loc = run(x_loc, *args)
+                x_loc = fn(x_loc, *args)
         if block_hook is not None:
             block_hook(i, kind, x_loc)
     with mesh.tag("head"):
@@ -379,17 +445,16 @@ def forward(
     return _unpatchify(out, cfg, grid, B)
 
 
-def _embed_latents(params, cfg, x, cond_image_latent, fourier_ratio, fourier_feats, wdtype):
+def _embed_latents(params, cfg, x, image: Optional[ImageCond], wdtype):
     """Patchify (+ the FlashI2V Fourier embedding, identical on every frame: computed once, broadcast over T);
     tokens [B, N, dim] in raster order (t, h, w)."""
     B = x.shape[0]
     pt = cfg.patch_size[0]
     h = F.conv3d(x.to(wdtype), params["patch_embedding.weight"], params["patch_embedding.bias"], stride=cfg.patch_size)
     if cfg.i2v == "flashi2v":
+        fourier_feats = image.fourier_feats
         if fourier_feats is None:
-            if cond_image_latent is None or fourier_ratio is None:
-                raise ValueError("forward: a FlashI2V model needs cond_image_latent and fourier_ratio (or fourier_feats)")
-            fourier_feats = fourier_features(cond_image_latent, fourier_ratio)
+            fourier_feats = fourier_features(image.latent, image.fourier_ratio)
         f = _as_frame(fourier_feats, "forward")[:, :, None].to(wdtype)
         if f.shape[0] != B or f.shape[1] != cfg.in_dim or f.shape[3:] != x.shape[3:]:
             raise ValueError(f"forward: Fourier features {tuple(f.shape)} do not match the latents {tuple(x.shape)}")

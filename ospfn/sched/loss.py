@@ -28,7 +28,7 @@ def flow_matching_loss(
     return_parts: bool = False,
     global_batch: Optional[int] = None,
     batch_offset: int = 0,
-    **forward_kwargs,
+    run=None,
 ):
     """Mean MSE between the predicted velocity and v = eps - z0.
 
@@ -42,9 +42,11 @@ def flow_matching_loss(
     Data parallel: with ``global_batch`` = the batch over all ranks and ``batch_offset`` = this rank's first
     sample, the randomness is drawn for the whole global batch and sliced, so N ranks compute exactly the
     per-sample terms one process computes for the concatenated batch.  phi(s) is evaluated inside the
-    model call (``forward(..., shift_cond=s)``), which keeps it under an FSDP module's forward.
+    model call (``ImageCond(apply_shift=True)``), which keeps it under an FSDP module's forward.
+    ``run`` (``ospfn.model.RunOptions``) is passed to the model call; ``forward_fn`` (default
+    ``ospfn.model.forward``) is called as ``forward_fn(params, cfg, x_t, t, context, image=..., run=run)``.
     """
-    from ospfn.model import flashi2v_shift, forward, fourier_features
+    from ospfn.model import ImageCond, flashi2v_shift, forward, fourier_features
 
     fwd = forward_fn or forward
     B = z0.shape[0]
@@ -72,15 +74,15 @@ def flow_matching_loss(
     x_t = sig * eps + (1 - sig) * z0
     target = eps - z0
     rho = None
-    feats = None
+    image = None
     if cfg.i2v == "flashi2v":
         if cond_image_latent is None:
             raise ValueError("flow_matching_loss: a FlashI2V model needs cond_image_latent (the first-frame latent)")
         lo, hi = ratio_range
         rho = (lo + (hi - lo) * torch.rand(GB, generator=generator, dtype=torch.float32))[sl].to(dev)
-        feats = fourier_features(cond_image_latent, rho)
-        forward_kwargs["shift_cond"] = cond_image_latent  # x_t - phi(s): phi trained through the input only
-    v_pred = fwd(params, cfg, x_t, 1000.0 * sigma, context, fourier_feats=feats, **forward_kwargs)
+        # x_t - phi(s) inside the call: phi is trained through the input only
+        image = ImageCond(latent=cond_image_latent, fourier_feats=fourier_features(cond_image_latent, rho), apply_shift=True)
+    v_pred = fwd(params, cfg, x_t, 1000.0 * sigma, context, image=image, run=run)
     loss = (v_pred.float() - target).pow(2).mean()
     if return_parts:
         if cfg.i2v == "flashi2v":

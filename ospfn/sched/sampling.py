@@ -45,7 +45,7 @@ def sample(
     shift: float = 7.0,
     cond_image_latent: Optional[torch.Tensor] = None,
     fourier_ratio=0.1,
-    attn_backend: Optional[str] = None,
+    run=None,
     forward_fn: Optional[Callable] = None,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
     sigmas: Optional[torch.Tensor] = None,
@@ -54,9 +54,11 @@ def sample(
 
     ``neg_context`` is the unconditional text (the empty or negative prompt's encoding); without it, or with
     ``guidance == 1``, only the conditional branch runs.  For ``cfg.i2v == "flashi2v"`` pass the first-frame
-    latent ``cond_image_latent`` [B, C, 1, h, w].  ``forward_fn`` defaults to ``ospfn.model.forward``.
+    latent ``cond_image_latent`` [B, C, 1, h, w] (phi(s) and the Fourier features are computed once).
+    ``run`` (``ospfn.model.RunOptions``) is passed to every model call.  ``forward_fn`` (default
+    ``ospfn.model.forward``) is called as ``forward_fn(params, cfg, x, t, context, image=..., run=run)``.
     """
-    from ospfn.model import forward
+    from ospfn.model import ImageCond, forward
 
     fwd = forward_fn or forward
     B = noise.shape[0]
@@ -73,12 +75,15 @@ def sample(
     if sigmas is None:
         sigmas = inference_sigmas(steps, shift)
 
+    image = None if feats is None else ImageCond(fourier_feats=feats)
+    image_all = None if feats is None or not use_cfg else ImageCond(fourier_feats=feats_all)
+
     def velocity(z: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
         x = z if shift_p is None else z - shift_p
         t = torch.full((B,), 1000.0 * sigma, device=z.device, dtype=torch.float32)
         if not use_cfg:
-            return fwd(params, cfg, x, t, context, fourier_feats=feats, attn_backend=attn_backend)
-        v = fwd(params, cfg, torch.cat([x, x]), torch.cat([t, t]), ctx_all, fourier_feats=feats_all, attn_backend=attn_backend)
+            return fwd(params, cfg, x, t, context, image=image, run=run)
+        v = fwd(params, cfg, torch.cat([x, x]), torch.cat([t, t]), ctx_all, image=image_all, run=run)
         return cfg_combine(v[:B], v[B:], guidance)
 
     return euler_sample(velocity, noise, sigmas, callback=callback)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ospfn.model import RunOptions
 from ospfn.train.optim import EMA, AdaptiveGradClip, clip_grad_norm, make_adamw, set_lr, warmup_constant
 from ospfn.train.sft import export_pipeline, param_groups, sample_order, step_generator
 
@@ -126,10 +127,11 @@ class Trainer:
 
     # -- the step ------------------------------------------------------------------------------------------
 
-    def forward(self, _params, _cfg, x, t, context, **kwargs):
+    def forward(self, _params, _cfg, x, t, context, *, image=None, run=None):
         """``forward_fn`` of ``flow_matching_loss``: the DiT module on this run's parallel layout."""
         tc = self.cfg.train
-        return self.model(x, t, context, parallel=self.parallel, attn_backend=tc.attn_backend, grad_checkpoint=tc.grad_checkpoint, **kwargs)
+        run = (run or RunOptions()).replace(parallel=self.parallel, attn_backend=tc.attn_backend, grad_checkpoint=tc.grad_checkpoint)
+        return self.model(x, t, context, image=image, run=run)
 
     def autocast(self):
         if self.cfg.train.precision == "bf16":
