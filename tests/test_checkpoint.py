@@ -123,8 +123,11 @@ def test_pickled_code_is_never_executed(tmp_path, tiny):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"model": {"x": Evil()}}, f)
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: not a torch checkpoint readable with weights_only=True"):
         load_checkpoint(tmp_path / "evil.pt", cfg)
+    torch.save({"model": {"x": Evil()}}, tmp_path / "evil_zip.pt")  # the same object inside torch.save's zip
+    with pytest.raises(CheckpointError, match=r"evil_zip\.pt: refused to unpickle \(.*GLOBAL posix\.system"):
+        load_checkpoint(tmp_path / "evil_zip.pt", cfg)
     assert not marker.exists()
 
 

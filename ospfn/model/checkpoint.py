@@ -6,10 +6,15 @@ Parameters inside ospfn always carry the Wan2.1 original names.  ``load_checkpoi
 * a ``.pt`` / ``.pth`` / ``.bin`` state dict, only through ``torch.load(weights_only=True)`` (pickled code in a
   checkpoint is never executed), with wrapper prefixes (``module.``, ``_orig_mod.``, ``_fsdp_wrapped_module.``,
   ``_checkpoint_wrapped_module.``) stripped -- the OSP-Next ``model.pt`` release;
-* a torch.distributed.checkpoint (DCP) directory (``.metadata`` inside);
+  a legacy (non-zip) ``torch.save`` file is read without mmap, still ``weights_only``;
+* a torch.distributed.checkpoint (DCP) directory (``.metadata`` inside): the metadata is unpickled with an
+  allow-list of DCP's own records and only tensor entries are read, so no pickled code runs there either;
 
 in Wan or diffusers naming (detected from the keys), converts names, checks every shape against the config,
-and reports all missing / unexpected / mis-shaped keys in one error.  Safetensors shards are read one tensor
+and reports all missing / unexpected / mis-shaped keys in one error.  Every file is checked before it is
+used: an empty, truncated, foreign or inconsistent file raises ``CheckpointError`` naming the file and what
+is wrong (``CheckpointMissingError``, also a ``FileNotFoundError``, for a file the checkpoint names but lacks),
+never a bare ``struct`` / ``json`` / ``pickle`` / shape error.  Safetensors shards are read one tensor
 at a time straight into the destination buffer (no mmap, no second copy of a shard), so loading a 28 GB
 checkpoint needs ~28 GB, not 56.
 
@@ -18,10 +23,13 @@ checkpoint needs ~28 GB, not 56.
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
+import pickle
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -31,14 +39,24 @@ from ospfn._fs import atomic_path, write_text_atomic
 from ospfn.model.config import DiTConfig
 from ospfn.model.params import param_shapes
 
-__all__ = ["convert_state_dict", "load_checkpoint", "save_checkpoint", "load_config", "detect_format", "CheckpointError"]
+__all__ = [
+    "convert_state_dict", "load_checkpoint", "save_checkpoint", "load_config", "detect_format", "read_safetensors",
+    "torch_load", "read_dcp_metadata", "CheckpointError", "CheckpointMissingError",
+]  # fmt: skip
 
 FORMATS = ("wan", "diffusers", "osp-next", "flashi2v")
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 
 
 class CheckpointError(ValueError):
-    """Keys of a checkpoint do not match the model (lists every missing, unexpected and mis-shaped key)."""
+    """A checkpoint cannot be used: a file is empty, truncated, not of its format or inconsistent (the message
+    names the file and what is wrong), or its keys do not match the model (every missing, unexpected and
+    mis-shaped key is listed)."""
+
+
+class CheckpointMissingError(CheckpointError, FileNotFoundError):
+    """A file a checkpoint needs is missing: a shard its index names, ``.metadata`` of a DCP directory, a file of
+    a training checkpoint or a pipeline directory (also a ``FileNotFoundError``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,27 +167,79 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+_MAX_HEADER = 100 * 2**20
 
 
-def _safetensors_header(f) -> tuple[dict, int]:
+def _describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception (torch's messages run over many lines)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _safetensors_header(f, path: Path) -> tuple[dict, int]:
+    """(header dict, data base offset); ``CheckpointError`` naming ``path`` for anything not a safetensors header."""
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: not a safetensors file: {size} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", f.read(8))
-    if n > 100 * 2**20:
-        raise CheckpointError(f"{getattr(f, 'name', 'file')}: implausible safetensors header of {n} bytes")
-    header = json.loads(f.read(n))
+    if n > _MAX_HEADER:
+        raise CheckpointError(f"{path}: implausible safetensors header of {n} bytes (at most {_MAX_HEADER})")
+    if n < 2 or 8 + n > size:
+        raise CheckpointError(f"{path}: safetensors header length {n} does not fit the file of {size} bytes (truncated or not safetensors)")
+    raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({_describe(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header must be a JSON object, got {type(header).__name__}")
     return header, 8 + n
 
 
 def _safetensors_entries(path: Path) -> tuple[list[tuple[str, torch.Size, torch.dtype, int, int]], int]:
-    """[(name, shape, dtype, start, end)] in file order, and the data base offset."""
+    """[(name, shape, dtype, start, end)] in file order, and the data base offset.
+
+    Every entry is checked against the format (a known ``dtype``, a ``shape`` of non-negative ints,
+    ``data_offsets`` of exactly shape x dtype-size bytes inside the file, no two tensors sharing bytes), so the
+    reads that follow cannot fail on a malformed file.
+    """
     with open(path, "rb") as f:
-        header, base = _safetensors_header(f)
+        header, base = _safetensors_header(f, path)
+        data_size = os.fstat(f.fileno()).st_size - base
     header.pop("__metadata__", None)
     out = []
-    for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        if meta["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        out.append((name, torch.Size(meta["shape"]), _ST_DTYPES[meta["dtype"]], start, end))
+    for name, meta in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: entry must be an object with dtype, shape and data_offsets, got {meta!r:.80}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+        if missing:
+            raise CheckpointError(f"{where}: entry lacks {missing} (a safetensors entry has dtype, shape and data_offsets)")
+        dt, shape, offs = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not isinstance(dt, str) or dt not in _ST_DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dt!r}; supported: {sorted(_ST_DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative ints, got {shape!r:.80}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise CheckpointError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end, got {offs!r:.80}")
+        dtype = _ST_DTYPES[dt]
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        start, end = offs
+        if end - start != nbytes:
+            raise CheckpointError(f"{where}: data_offsets {offs} hold {end - start} bytes but shape {shape} x {dt} needs {nbytes}")
+        if end > data_size:
+            raise CheckpointError(f"{where}: data_offsets {offs} run past the end of the data ({data_size} bytes): the file is truncated")
+        out.append((name, torch.Size(shape), dtype, start, end))
+    out.sort(key=lambda e: (e[3], e[4]))
+    reach, owner = 0, None  # the furthest end so far and its tensor
+    for name, _, _, start, end in out:
+        if start < reach and end > start:
+            raise CheckpointError(f"{path}: tensors {owner!r} and {name!r} overlap in the data section")
+        if end > reach:
+            reach, owner = end, name
     return out, base
 
 
@@ -183,6 +253,37 @@ def _read_tensor(f, base: int, start: int, end: int, dtype: torch.dtype, shape, 
     if into_dtype is not None and into_dtype != dtype:
         t = t.to(into_dtype)
     return t.to(device)
+
+
+def read_safetensors(path, *, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, checked as ``load_checkpoint`` checks it (``CheckpointError``
+    naming the file for anything malformed or truncated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMissingError(f"read_safetensors: no such file: {path}")
+    entries, base = _safetensors_entries(path)
+    with open(path, "rb") as f:
+        return {name: _read_tensor(f, base, start, end, dt, shape, None, device) for name, shape, dt, start, end in entries}
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object; ``CheckpointError`` naming the file otherwise."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({_describe(e)})") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: {what} is a directory, expected a JSON file") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _shard_path(parent: Path, name, index: Path) -> Path:
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names inside {parent}, got {name!r}")
+    return parent / name
 
 
 def _resolve_files(path: Path) -> tuple[list[Path], str]:
@@ -199,15 +300,20 @@ def _resolve_files(path: Path) -> tuple[list[Path], str]:
         pt = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
         if len(pt) == 1:
             return pt, "torch"
+        if any(path.glob("*.distcp")):
+            raise CheckpointMissingError(f"load_checkpoint: {path} holds DCP shards (*.distcp) but no .metadata: an interrupted or incomplete DCP save")
         raise FileNotFoundError(f"load_checkpoint: {path} holds no *.safetensors, index json, single .pt/.pth or DCP checkpoint")
     if not path.exists():
         raise FileNotFoundError(f"load_checkpoint: no such file or directory: {path}")
     if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
-        files = sorted({path.parent / f for f in index["weight_map"].values()})
-        missing = [str(f) for f in files if not f.exists()]
+        index = _read_json_object(path, "safetensors index")
+        wm = index.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{path}: safetensors index needs a non-empty 'weight_map' object (tensor name -> shard file), got {wm!r:.80}")
+        files = sorted({_shard_path(path.parent, f, path) for f in wm.values()})
+        missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"load_checkpoint: shards listed in {path} are missing: {missing}")
+            raise CheckpointMissingError(f"load_checkpoint: shards listed in {path} are missing: {missing}")
         return files, "safetensors"
     if path.suffix == ".safetensors":
         return [path], "safetensors"
@@ -216,8 +322,39 @@ def _resolve_files(path: Path) -> tuple[list[Path], str]:
     raise ValueError(f"load_checkpoint: unknown checkpoint type {path.suffix!r} ({path}); expected .safetensors, an index json, .pt/.pth/.bin or a directory")
 
 
-def _torch_state_dict(path: Path) -> dict:
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+def torch_load(path, *, mmap: bool = True):
+    """``torch.load(weights_only=True)`` of a zip (``torch.save`` default) or legacy (non-zip) file.
+
+    A zip file is memory-mapped when ``mmap``; a legacy file cannot be and is read into memory.  Pickled code
+    is never executed: a global ``weights_only`` does not allow is refused.  Anything unreadable raises
+    ``CheckpointError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMissingError(f"torch_load: no such file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a torch checkpoint")
+    is_zip = magic == b"PK\x03\x04"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        glob = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if glob is not None:
+            raise CheckpointError(f"{path}: refused to unpickle ({glob}): the file holds code or objects other than "
+                                  "tensors and plain containers; it is read with weights_only=True, which never runs pickled code") from None  # fmt: skip
+        why = next((ln for ln in lines if "Unsupported" in ln or "invalid load key" in ln), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: not a torch checkpoint readable with weights_only=True (UnpicklingError: {why})") from None
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- torch raises RuntimeError / EOFError / ValueError / ... for corrupt files
+        kind = "a truncated or corrupt zip archive" if is_zip else "not a torch checkpoint (neither a zip nor a legacy torch.save file)"
+        raise CheckpointError(f"{path}: {kind} ({_describe(e)})") from None
+
+
+def _unwrap_state_dict(sd, path: Path) -> dict:
     # common wrappings: {"model": sd}, {"state_dict": sd}, {"module": sd}, {"ema": ...}
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and all(isinstance(v, torch.Tensor) for v in sd[key].values()):
@@ -225,39 +362,165 @@ def _torch_state_dict(path: Path) -> dict:
             break
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: state dict keys must be str, got {[type(k).__name__ for k in bad[:5]]} for {len(bad)} tensor(s)")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def _dcp_state_dict(path: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+def _torch_state_dict(path: Path) -> dict:
+    return _unwrap_state_dict(torch_load(path, mmap=True), path)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "model.pt"
-        dcp_to_torch_save(str(path), str(out))
-        return _torch_state_dict(out)
+
+# DCP ``.metadata`` is a pickle: read it with an unpickler that builds only DCP's metadata records
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def read_dcp_metadata(path):
+    """The ``Metadata`` of a DCP directory, unpickled without running code (only DCP's own metadata records
+    are built); ``CheckpointError`` naming ``<path>/.metadata`` if it is missing, truncated or foreign."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    file = Path(path) / ".metadata"
+    if not file.is_file():
+        raise CheckpointMissingError(f"{path}: not a DCP checkpoint directory (no .metadata)")
+    try:
+        with open(file, "rb") as f:
+            md = _DCPMetadataUnpickler(f).load()
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- EOFError, UnpicklingError, ... for truncated / foreign files
+        raise CheckpointError(f"{file}: not readable DCP metadata ({_describe(e)})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointError(f"{file}: not DCP metadata (got {type(md).__name__})")
+    if getattr(md, "storage_meta", None) is None:
+        md.storage_meta = StorageMeta()
+    return md
+
+
+def _dcp_state_dict(path: Path) -> dict:
+    """The tensors of a DCP directory, read chunk by chunk from the shard files named in its metadata.
+
+    Only tensors are read (non-tensor entries are pickles and are skipped); each chunk goes through
+    ``torch.load(weights_only=True)``.  A missing or short shard raises ``CheckpointError`` naming the shard.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = read_dcp_metadata(path)
+    storage = {}
+    for idx, info in (getattr(md, "storage_data", None) or {}).items():
+        storage[(idx.fqn, tuple(idx.offset) if idx.offset is not None else None)] = info
+    sizes: dict[str, int] = {}
+
+    def shard_file(rel) -> Path:
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{path}/.metadata: shard path {rel!r} is not a file inside {path}")
+        f = path / rel
+        if rel not in sizes:
+            if not f.is_file():
+                raise CheckpointMissingError(f"{f}: DCP shard named in {path}/.metadata is missing")
+            sizes[rel] = f.stat().st_size
+        return f
+
+    plan = []  # (fqn, tensor, [(slices, file, offset, length)])
+    for fqn, meta in md.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        t = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        reads, covered = [], 0
+        for chunk in meta.chunks:
+            info = storage.get((fqn, tuple(chunk.offsets)))
+            if info is None:
+                raise CheckpointError(f"{path}/.metadata: no storage entry for chunk {tuple(chunk.offsets)} of {fqn!r}")
+            if getattr(info, "transform_descriptors", None):
+                raise CheckpointError(f"{path}: {fqn!r} is stored with transforms {info.transform_descriptors} (not supported)")
+            f = shard_file(info.relative_path)
+            if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
+                raise CheckpointError(f"{f}: truncated DCP shard: {fqn!r} needs bytes {info.offset}..{info.offset + info.length}, "
+                                      f"the file has {sizes[info.relative_path]}")  # fmt: skip
+            sl = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+            reads.append((sl, tuple(chunk.sizes), f, info.offset, info.length))
+            covered += math.prod(chunk.sizes)
+        if covered != t.numel():
+            raise CheckpointError(f"{path}/.metadata: the chunks of {fqn!r} cover {covered} of its {t.numel()} elements")
+        plan.append((fqn, t, reads))
+    flat = {}
+    for fqn, t, reads in plan:
+        for sl, shape, f, offset, length in reads:
+            with open(f, "rb") as fh:
+                fh.seek(offset)
+                blob = io.BytesIO(fh.read(length))
+            try:
+                chunk = torch.load(blob, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{f}: corrupt DCP shard: cannot read {fqn!r} at bytes {offset}..{offset + length} ({_describe(e)})") from None
+            if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != shape:
+                got = tuple(chunk.shape) if isinstance(chunk, torch.Tensor) else type(chunk).__name__
+                raise CheckpointError(f"{f}: corrupt DCP shard: {fqn!r} chunk is {got}, metadata says {shape}")
+            t[sl].copy_(chunk)
+        flat[fqn] = t
+    # nest as DCP's flattening recorded it ({"model": {...}} saves become nested again), then unwrap as for .pt
+    nested: dict = {}
+    for fqn, t in flat.items():
+        keys = (md.planner_data or {}).get(fqn, (fqn,)) if isinstance(md.planner_data, dict) else (fqn,)
+        node = nested
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise CheckpointError(f"{path}/.metadata: inconsistent nesting for {fqn!r}")
+        node[keys[-1]] = t
+    return _unwrap_state_dict(nested, path)
 
 
 def load_config(path) -> DiTConfig:
-    """The DiTConfig of a checkpoint directory (or a config.json file)."""
+    """The DiTConfig of a checkpoint directory (or a config.json file).  A config.json that is not a JSON
+    object or does not describe a valid ``DiTConfig`` raises ``CheckpointError`` naming the file."""
     p = Path(path)
     cfg_file = p if p.suffix == ".json" and p.name == "config.json" else (p if p.is_dir() else p.parent) / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"load_config: no config.json at {cfg_file}; pass cfg explicitly")
-    return DiTConfig.from_dict(json.loads(cfg_file.read_text()))
+    d = _read_json_object(cfg_file, "config.json")
+    try:
+        return DiTConfig.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{cfg_file}: not a valid DiT config: {e}") from None
 
 
 def load_checkpoint(path, cfg: Optional[DiTConfig] = None, *, dtype: Optional[torch.dtype] = None, device="cpu") -> dict[str, torch.Tensor]:
     """Read a checkpoint into a Wan-named parameter dict for ``cfg`` (default: the checkpoint's config.json).
 
     ``dtype`` casts floating tensors (None keeps the file's dtypes).  Raises ``CheckpointError`` listing all
-    missing, unexpected and mis-shaped keys.
+    missing, unexpected and mis-shaped keys, and ``CheckpointError`` naming the file for an empty, truncated,
+    foreign or inconsistent file (every safetensors header is checked before any tensor is read).  A legacy
+    (non-zip) ``torch.save`` file is read without mmap, still with ``weights_only=True``.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_checkpoint: path must be a str or os.PathLike, got {type(path).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"load_checkpoint: dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if cfg is not None and not isinstance(cfg, DiTConfig):
+        raise TypeError(f"load_checkpoint: cfg must be a DiTConfig or None, got {type(cfg).__name__}")
     path = Path(path)
     files, kind = _resolve_files(path)
     if cfg is None:
         cfg = load_config(path)
-    if not isinstance(cfg, DiTConfig):
-        raise TypeError(f"load_checkpoint: cfg must be a DiTConfig or None, got {type(cfg).__name__}")
     expected = param_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     unexpected, misshaped = [], []
@@ -278,11 +541,17 @@ def load_checkpoint(path, cfg: Optional[DiTConfig] = None, *, dtype: Optional[to
         out[new] = reader()
 
     if kind == "safetensors":
-        fmt = None
-        for file in files:  # one shard open at a time, one tensor in flight at a time
+        headers, seen = [], {}
+        for file in files:  # every header first: a bad shard fails before any tensor is read
             entries, base = _safetensors_entries(file)
-            if fmt is None:
-                fmt = detect_format(e[0] for e in entries)
+            for e in entries:
+                if e[0] in seen:
+                    raise CheckpointError(f"load_checkpoint({path}): tensor {e[0]!r} is in both {seen[e[0]]} and {file}")
+                seen[e[0]] = file
+            headers.append((file, entries, base))
+        del seen
+        fmt = detect_format(e[0] for _, entries, _ in headers for e in entries)
+        for file, entries, base in headers:  # one shard open at a time, one tensor in flight at a time
             with open(file, "rb") as f:
                 for name, shape, dt, start, end in entries:
                     target = dtype if (dtype is not None and dt.is_floating_point) else None
