@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,11 +78,23 @@ def test_dcp_resume_is_exact(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_ranks(_ranks_train, 2, [["--config", str(_cfg_file(tmp_path, straight)), "--no-progress"]])
     cfg = _cfg_file(tmp_path, split)
-    run_ranks(_ranks_train, 2, [["--config", str(cfg), "--no-progress", "--stop-after", "2"],
-                                ["--config", str(cfg), "--no-progress", "--resume"]])  # fmt: skip
+    run_ranks(_ranks_train, 2, [["--config", str(cfg), "--no-progress", "--stop-after", "2"]])
+    # what a run killed after logging step 3, in the middle of writing its step-4 checkpoint, leaves
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is no longer alive
+    (split / f".ckpt-00000004.tmp-{dead.pid}").mkdir()
+    (split / f".ckpt-00000004.tmp-{dead.pid}" / "__0_0.distcp").write_bytes(b"half")
+    with open(split / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    run_ranks(_ranks_train, 2, [["--config", str(cfg), "--no-progress", "--resume"]])
     a, b = _weights(straight), _weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (split / "ckpt-00000004" / "train_state.json").exists() and (split / "latest").read_text().strip() == "ckpt-00000004"
+    assert sorted(p.name for p in split.iterdir()) == ["ckpt-00000002", "ckpt-00000004", "final", "latest", "log.jsonl"]  # swept
+    log = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # each step once: the killed run's step 3 was dropped
+    ref = [json.loads(x)["loss"] for x in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == ref
 
 
 def test_fsdp_fixed_clip_equals_one_process(tmp_path):

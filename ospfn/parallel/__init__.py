@@ -5,9 +5,10 @@
   sub-sequences per rank and re-lay-out the stream with ONE all-to-all (``relayout``); full blocks use
   Ulysses (``ulysses_attention``, four all-to-alls, heads padded when they do not divide the group).
 * ``comm_stats()``: calls and bytes per collective kind, so the 4 -> 1 claim is measured.
+* ``agree(ok, message)``: a failure only some ranks see is raised with the same message on every rank.
 """
 
-from ospfn.parallel.comm import CommStats, all_gather_seq, all_reduce_max, all_to_all, comm_stats, comm_tag, replicated_grad
+from ospfn.parallel.comm import CommStats, agree, all_gather_seq, all_reduce_max, all_to_all, comm_stats, comm_tag, replicated_grad
 from ospfn.parallel.layout import layout_ids, local_rows_of, relayout
 from ospfn.parallel.mesh import ParallelConfig, ParallelState, check_model_parallel, init_parallel
 from ospfn.parallel.ulysses import ulysses_attention
@@ -24,6 +25,7 @@ __all__ = [
     "all_gather_seq",
     "all_reduce_max",
     "replicated_grad",
+    "agree",
     "relayout",
     "layout_ids",
     "local_rows_of",

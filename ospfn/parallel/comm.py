@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommStats", "comm_stats", "comm_tag", "all_to_all", "all_gather_seq", "all_reduce_max", "replicated_grad"]
+__all__ = ["CommStats", "comm_stats", "comm_tag", "all_to_all", "all_gather_seq", "all_reduce_max", "replicated_grad", "agree"]
 
 _active: list["CommStats"] = []
 _tag: contextvars.ContextVar[str] = contextvars.ContextVar("ospfn_comm_tag", default="")
@@ -175,3 +175,27 @@ def replicated_grad(x: torch.Tensor, group) -> torch.Tensor:
     gradients over the group afterwards stays exact.
     """
     return _ReplicatedGrad.apply(x, group)
+
+
+def agree(ok: bool, message: str = "", *, group=None, error: type[Exception] = RuntimeError) -> None:
+    """Collective verdict on a step that may fail on some ranks only (a file one rank cannot read, a
+    directory rank 0 cannot create): every rank of ``group`` says whether its part went well and, when any
+    did not, every rank raises ``error("rank R: <message of R>")`` for the first failing rank R -- the same
+    message everywhere, instead of one rank's exception and the others' "Connection closed by peer" (or a
+    hang) at the next collective.  Nothing collective may run between the failure and this call.
+
+    Without an initialised process group (or with one rank) it raises ``error(message)`` when not ``ok``.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if not ok:
+            raise error(message)
+        return
+    verdicts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(verdicts, (bool(ok), str(message)), group=group)
+    failed = [(r, msg) for r, (good, msg) in enumerate(verdicts) if not good]
+    if failed:
+        rank, msg = failed[0]
+        if group is not None:
+            rank = dist.get_global_rank(group, rank)
+        more = f" (and {len(failed) - 1} more rank{'s' if len(failed) > 2 else ''})" if len(failed) > 1 else ""
+        raise error(f"rank {rank}: {msg}{more}")

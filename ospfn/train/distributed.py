@@ -7,12 +7,17 @@ parallelism each SP rank holds a partial gradient, so the loss is scaled by the 
 data-parallel replicas, sum over SP ranks: ``FSDPTrainer.backward``).  Checkpoints are
 torch.distributed.checkpoint directories written to a temporary name and renamed by rank 0 after a barrier,
 plus a JSON of the scalar state.
+
+A failure only some ranks see (rank 0 cannot create ``out_dir`` or rename the checkpoint, one rank's view of a
+shard file is missing or truncated) is agreed on (``ospfn.parallel.agree``) and raised with the same message
+on every rank, naming the rank and the file, before the ranks would part ways at the next collective.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -21,10 +26,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ospfn._fs import write_text_atomic
+from ospfn.model.checkpoint import CheckpointError
+from ospfn.train.build import TrainError
 from ospfn.train.sft import export_pipeline
-from ospfn.train.step import RunParts, Trainer
+from ospfn.train.step import RunError, RunParts, Trainer
 
-__all__ = ["TextModule", "TrainModules", "shard", "ShardedEMA", "save_dcp", "load_dcp", "latest_dcp", "FSDPTrainer"]
+__all__ = ["TextModule", "TrainModules", "shard", "ShardedEMA", "save_dcp", "load_dcp", "latest_dcp", "check_dcp", "FSDPTrainer",
+           "DCPCheckpointError"]  # fmt: skip
+
+
+class DCPCheckpointError(CheckpointError, TrainError):
+    """A torch.distributed.checkpoint directory cannot be resumed from: the message names the rank that found
+    the problem and the file (raised on every rank alike)."""
 
 
 class _Holder(nn.Module):
@@ -122,47 +136,180 @@ def latest_dcp(out_dir) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def _short(e: BaseException) -> str:
+    """``Type: first line of the message`` (torch's unpickling errors run to a dozen lines)."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
+def _first_failure(e) -> str:
+    """'rank R: what' of the first failing rank of a DCP ``CheckpointException`` (which DCP raises on every rank)."""
+    failures = getattr(e, "failures", None) or {}
+    if not failures:
+        return _short(e)
+    rank = min(failures)
+    exc = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+    return f"rank {rank}: {exc}" if isinstance(exc, CheckpointError) else f"rank {rank}: {_short(exc)}"
+
+
+def _naming_reader(path):
+    """A DCP ``FileSystemReader`` whose read errors name the shard file being read (as ``CheckpointError``)."""
+    import contextlib
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class NamingReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            # torch's reader unpickles .metadata with plain pickle; this one builds DCP's own records only
+            from ospfn.model.checkpoint import read_dcp_metadata
+
+            if kwargs.get("rank") is not None:  # per-rank metadata files: torch's own path
+                return super().read_metadata(*args, **kwargs)
+            md = read_dcp_metadata(self.path)
+            md.storage_meta.load_id = self.load_id
+            return md
+
+        def read_data(self, plan, planner):
+            current = [None]
+            open_stream = getattr(self.fs, "create_stream", None)
+            if open_stream is not None:
+
+                @contextlib.contextmanager
+                def create_stream(path, mode):
+                    current[0] = path
+                    with open_stream(path, mode) as stream:
+                        yield stream
+
+                self.fs.create_stream = create_stream
+            try:
+                return super().read_data(plan, planner)
+            except Exception as e:  # noqa: BLE001  (any failure to decode a shard: name the file)
+                where = current[0] if current[0] is not None else self.path
+                why = "corrupt: not the tensor data torch saved (UnpicklingError)" if isinstance(e, pickle.UnpicklingError) else _short(e)
+                raise CheckpointError(f"{where}: unreadable, {why}") from e
+
+    return NamingReader(str(path))
+
+
 def save_dcp(out_dir, step: int, modules: TrainModules, optimizer, ema: ShardedEMA, extra: dict, keep: int = 2) -> Path:
-    """Collective: every rank writes its shards into ``ckpt-<step>`` (atomically renamed by rank 0)."""
+    """Collective: every rank writes its shards into ``.ckpt-<step>.tmp-<pid of rank 0>``, which rank 0 renames
+    to ``ckpt-<step>`` once every rank is done (the temporaries of a killed run are swept on the next start).
+    A failure on any rank raises ``ospfn.train.step.RunError`` with the same message on every rank."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ospfn.parallel import agree
 
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step:08d}"
-    tmp = out_dir / f".ckpt-{step:08d}.tmp"
+    what = f"step {step}: cannot write the checkpoint {final}"
+    ok, msg, tmp_name = True, "", None
     if dist.get_rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+        tmp_name = f".ckpt-{step:08d}.tmp-{os.getpid()}"
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out_dir / tmp_name, ignore_errors=True)  # this process's own earlier attempt
+        except OSError as e:
+            ok, msg = False, f"{what}: cannot create {out_dir}: {e.strerror or e}"
+    agree(ok, msg, error=RunError)
+    names = [tmp_name]
+    dist.broadcast_object_list(names, src=0)
+    tmp = out_dir / names[0]
     model_sd, optim_sd = get_state_dict(modules, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.as_dtensors()}, checkpoint_id=str(tmp))
-    dist.barrier()
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.as_dtensors()}, checkpoint_id=str(tmp))
+    except CheckpointException as e:  # raised on every rank by DCP itself
+        raise RunError(f"{what}: {_first_failure(e)}") from None
+    dist.barrier()  # every rank's shards are on disk before rank 0 renames the directory
+    ok, msg = True, ""
     if dist.get_rank() == 0:
-        (tmp / "train_state.json").write_text(json.dumps(extra))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        marker = out_dir / ".latest.tmp"
-        marker.write_text(final.name + "\n")
-        os.replace(marker, out_dir / "latest")
-        ckpts = sorted(p for p in out_dir.glob("ckpt-*") if p.is_dir())
-        for old in ckpts[: max(0, len(ckpts) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        try:
+            write_text_atomic(tmp / "train_state.json", json.dumps(extra))
+            if final.exists():  # re-saving a step: move the old one aside (swept if we die before removing it)
+                old = out_dir / f".ckpt-{step:08d}.old-{os.getpid()}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            write_text_atomic(out_dir / "latest", final.name + "\n")
+            ckpts = sorted(p for p in out_dir.glob("ckpt-*") if p.is_dir())
+            for gone in ckpts[: max(0, len(ckpts) - keep)]:
+                shutil.rmtree(gone, ignore_errors=True)
+        except OSError as e:
+            name = getattr(e, "filename2", None) or e.filename  # the target of a rename, else the file
+            ok, msg = False, f"{what}: {e.strerror or e}{f': {name}' if name else ''}"
+    agree(ok, msg, error=RunError)  # also the barrier: no rank returns before the checkpoint is in place
     return final
 
 
+def _shard_extents(path: Path) -> dict[str, int]:
+    """File name -> bytes the checkpoint's ``.metadata`` says it needs, for every file the metadata names."""
+    from ospfn.model.checkpoint import read_dcp_metadata
+
+    md = read_dcp_metadata(path)
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    return need
+
+
+def check_dcp(path) -> tuple[str, dict | None]:
+    """This rank's view of a ``save_dcp`` directory, before any collective: ("", scalar state) when every
+    file is there and as long as the metadata needs it, else (what is wrong, naming the file, None)."""
+    path = Path(path).absolute()
+    if not path.is_dir():
+        return f"{path}: not a checkpoint directory", None
+    meta, state_file = path / ".metadata", path / "train_state.json"
+    for f in (meta, state_file):
+        if not f.is_file():
+            return f"{f}: missing (not a complete torch.distributed.checkpoint directory)", None
+    try:
+        extra = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{state_file}: unreadable ({type(e).__name__}: {e})", None
+    if not isinstance(extra, dict) or not {"step", "data_pos", "clip"} <= set(extra):
+        return f"{state_file}: not a training state (needs the keys step, data_pos, clip)", None
+    try:
+        need = _shard_extents(path)
+    except Exception as e:  # noqa: BLE001  (whatever the reader raises on a damaged file: report it with the file)
+        return f"{meta}: unreadable ({type(e).__name__}: {e})", None
+    for rel, end in sorted(need.items()):
+        f = path / rel
+        if not f.is_file():
+            return f"{f}: missing (the checkpoint's .metadata lists it)", None
+        size = f.stat().st_size
+        if size < end:
+            return f"{f}: truncated ({size} bytes, the checkpoint's .metadata needs {end})", None
+    return "", extra
+
+
 def load_dcp(path, modules: TrainModules, optimizer, ema: ShardedEMA) -> dict:
-    """Collective: restore model, optimizer and EMA shards; returns the scalar training state."""
+    """Collective: restore model, optimizer and EMA shards; returns the scalar training state.  A missing,
+    truncated or unreadable file (as any rank sees it) raises ``DCPCheckpointError`` naming it on every rank."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from ospfn.parallel import agree
+
+    problem, extra = check_dcp(path)
+    agree(not problem, f"--resume: {problem}", error=DCPCheckpointError)
     model_sd, optim_sd = get_state_dict(modules, optimizer)
     ema_sd = ema.as_dtensors()
     state = {"model": model_sd, "optim": optim_sd, "ema": ema_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path), storage_reader=_naming_reader(path))
+    except CheckpointException as e:  # raised on every rank by DCP itself
+        raise DCPCheckpointError(f"--resume: cannot read the checkpoint {path}: {_first_failure(e)}") from None
     set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ema.load_local(state["ema"])
-    return json.loads((Path(path) / "train_state.json").read_text())
+    return extra
 
 
 class FSDPTrainer(Trainer):
@@ -189,26 +336,36 @@ class FSDPTrainer(Trainer):
         # FSDP averages gradients over all ranks: x SP size = mean over replicas, sum over SP shards
         (loss * self.sp_size / self.cfg.train.grad_accum).backward()
 
-    def mean_loss(self, loss):
-        t = torch.tensor([loss], device=self.device)
+    def reduce_step(self, loss, finite):
+        # one all-reduce: the loss sum and the number of ranks that saw a non-finite value
+        t = torch.tensor([loss, 0.0 if finite else 1.0], device=self.device)
         dist.all_reduce(t)
-        return float(t) / self.world
+        return float(t[0]) / self.world, float(t[1]) == 0.0
+
+    def agree(self, ok, message, error):
+        from ospfn.parallel import agree
+
+        agree(ok, message, error=error)
 
     def log_extra(self):
         return {"world": self.world}
 
     def save(self, out_dir):
-        extra = {"step": self.step, "data_pos": self.pos, "clip": self.clip.state_dict(), "config": self.cfg.to_dict()}
+        self.check_finite(Path(out_dir) / f"ckpt-{self.step:08d}")  # each rank its shards, then agreed
+        extra = {"step": self.step, "data_pos": self.pos, "clip": self.clip.state_dict(), "config": self.cfg.to_dict(),
+                 "skipped_nonfinite": self.skipped_nonfinite}  # fmt: skip
         return save_dcp(out_dir, self.step, self.modules, self.opt, self.ema, extra, keep=self.cfg.train.keep)
 
     def load(self, path) -> dict:
         """Restore a ``save`` checkpoint directory; returns its scalar state (with the config it was written with)."""
         extra = load_dcp(path, self.modules, self.opt, self.ema)
         self.step, self.pos = int(extra["step"]), int(extra["data_pos"])
+        self.skipped_nonfinite = int(extra.get("skipped_nonfinite", 0))
         self.clip.load_state_dict(extra["clip"])
         return extra
 
     def export(self, out):
+        self.check_finite(out, state=False)  # each rank its EMA shards, then agreed
         full = self.ema.full()  # collective
         if not self.is_main:
             return None

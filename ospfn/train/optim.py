@@ -11,7 +11,8 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["make_adamw", "EMA", "AdaptiveGradClip", "warmup_constant", "set_lr", "global_grad_norm", "clip_grad_norm"]
+__all__ = ["make_adamw", "EMA", "AdaptiveGradClip", "warmup_constant", "set_lr", "global_grad_norm", "clip_grad_norm",
+           "nonfinite_tensors"]  # fmt: skip
 
 
 def make_adamw(params: Iterable, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-15):
@@ -43,6 +44,23 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
     return float(total)
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors of ``tensors`` (name -> tensor, or name -> dict of tensors, as an
+    optimizer's per-parameter state) holding a NaN or an infinity; for FSDP2 (DTensor) values, of this rank's
+    shard only."""
+    bad = []
+    for name, v in tensors.items():
+        if isinstance(v, dict):
+            bad += [f"{name}.{k}" for k in nonfinite_tensors(v)]
+            continue
+        if not isinstance(v, torch.Tensor):
+            continue
+        local = v.to_local() if hasattr(v, "to_local") else v
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    return bad
 
 
 def warmup_constant(step: int, *, base_lr: float, warmup_steps: int = 0) -> float:
@@ -81,7 +99,9 @@ class AdaptiveGradClip:
     """Clip the global gradient norm to EMA(norm) + k * sqrt(EMA(var)) (OSP-Next: k = 3, decay 0.99).
 
     Until the statistics exist the threshold is ``initial`` (1.0).  Statistics are updated with the clipped
-    norm so a single spike does not raise the bar for the next steps.
+    norm so a single spike does not raise the bar for the next steps.  A non-finite norm (a NaN or an
+    infinity in the gradients) leaves the gradients and the statistics untouched: the step that produced it
+    is stopped or skipped by the trainer, and must not poison the threshold of the steps after it.
     """
 
     def __init__(self, *, initial: float = 1.0, decay: float = 0.99, k: float = 3.0) -> None:
@@ -98,6 +118,8 @@ class AdaptiveGradClip:
         handled: the norm is the global one, the scaling applies to each rank's shard."""
         norm = global_grad_norm(grads)
         thr = self.threshold()
+        if not math.isfinite(norm):
+            return norm, thr
         if norm > thr and norm > 0:
             torch._foreach_mul_([g.to_local() if hasattr(g, "to_local") else g for g in grads], thr / norm)
         used = min(norm, thr)

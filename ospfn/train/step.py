@@ -7,6 +7,12 @@ single-process run uses ``Trainer`` itself; ``ospfn.train.distributed.FSDPTraine
 differs under torch.distributed (text batching, the SP gradient sum, the loss all-reduce, sharded EMA,
 DCP checkpoints, the export gather).  Both are built by ``ospfn.train.build``.
 
+Nothing non-finite is ever applied or written: a NaN or an infinity in a step's loss or gradient norm stops
+the run with ``NonFiniteError`` naming the step (``train.nonfinite: stop``, the default) or skips the step
+(``skip``: no update, no EMA change, counted in the log record's ``skipped_nonfinite``); every rank decides
+alike.  ``save`` and ``export`` check the weights, the EMA and the optimizer state before writing a file.
+``start`` prepares the output directory of a run (the run log, the temporaries of killed writers).
+
 The model is an ``ospfn.nn.DiT`` (one module per block), which is what lets ``compile_blocks`` compile
 each block on its own: the Skiparse re-layouts (SSP all-to-alls) between blocks stay in the eager model
 forward; a full-attention block's Ulysses all-to-alls are inside the block and dynamo traces them.
@@ -15,6 +21,9 @@ forward; a full-attention block's Ulysses all-to-alls are inside the block and d
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -23,10 +32,26 @@ import torch
 from torch import nn
 
 from ospfn.model import RunOptions
-from ospfn.train.optim import EMA, AdaptiveGradClip, clip_grad_norm, make_adamw, set_lr, warmup_constant
+from ospfn.train.optim import EMA, AdaptiveGradClip, clip_grad_norm, make_adamw, nonfinite_tensors, set_lr, warmup_constant
 from ospfn.train.sft import export_pipeline, param_groups, sample_order, step_generator
 
-__all__ = ["RunParts", "Trainer", "compile_blocks"]
+__all__ = ["RunParts", "Trainer", "compile_blocks", "RunError", "NonFiniteError"]
+
+
+class RunError(RuntimeError):
+    """A started run cannot go on (the message names the step, and the file where one is involved)."""
+
+
+class NonFiniteError(RunError):
+    """A NaN or an infinity in a step's loss or gradients (``train.nonfinite: stop``), or in weights, EMA or
+    optimizer state about to be written; the message names the step and, for state, the tensors."""
+
+
+def _sweep_stale(out_dir: Path) -> list:
+    """``ospfn.train.state.sweep_stale_temporaries``: the temporary checkpoint directories of dead writers."""
+    from ospfn.train.state import sweep_stale_temporaries
+
+    return sweep_stale_temporaries(out_dir)
 
 
 class RunParts(NamedTuple):
@@ -65,6 +90,8 @@ class Trainer:
     is_main = True
     parallel = None  # ospfn.parallel.ParallelState under torch.distributed
     resumed_from = None  # the checkpoint the state was restored from
+    skipped_nonfinite = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite: skip)
+    runlog = None  # ospfn.train.runlog.RunLog of the main rank, once ``start`` has run
 
     def __init__(self, cfg, parts: RunParts, named: dict, *, model: nn.Module, text: nn.Module, device=None) -> None:
         tc, oc = cfg.train, cfg.optim
@@ -93,19 +120,37 @@ class Trainer:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum).backward()
 
-    def mean_loss(self, loss: float) -> float:
-        """The step's loss averaged over every process."""
-        return loss
+    def reduce_step(self, loss: float, finite: bool) -> tuple[float, bool]:
+        """(the step's loss averaged over every process, whether every process saw finite values)."""
+        return loss, finite
+
+    def agree(self, ok: bool, message: str, error: type[Exception]) -> None:
+        """Raise ``error`` on every process if ``ok`` is false on any (one process: on this one)."""
+        if not ok:
+            raise error(message)
 
     def log_extra(self) -> dict:
         return {}
 
+    def check_finite(self, target, *, state: bool = True) -> None:
+        """Raise ``NonFiniteError`` (on every process) before ``target`` is written if an EMA weight or (with
+        ``state``, a checkpoint) a weight or an optimizer state tensor holds a NaN or an infinity."""
+        names = {id(p): k for k, p in self.named.items()}
+        bad = [f"weight {k}" for k in nonfinite_tensors(self.named)] if state else []
+        bad += [f"EMA {k}" for k in nonfinite_tensors(self.ema.shadow)]
+        if state:
+            bad += [f"optimizer state {k}" for k in nonfinite_tensors({names.get(id(p), "?"): st for p, st in self.opt.state.items()})]
+        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+        msg = f"step {self.step}: refusing to write {target}: non-finite values in {', '.join(bad[:4])}{more}"
+        self.agree(not bad, msg, NonFiniteError)
+
     def save(self, out_dir) -> Path:
-        """Write ``out_dir/ckpt-<step>`` (see ``ospfn.train.state``)."""
+        """Write ``out_dir/ckpt-<step>`` (see ``ospfn.train.state``); never one with non-finite values."""
         from ospfn.train.state import save_train_state
 
+        self.check_finite(Path(out_dir) / f"ckpt-{self.step:08d}")
         state = {"optimizer": self.opt.state_dict(), "clip": self.clip.state_dict(), "data_pos": self.pos,
-                 "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict()}  # fmt: skip
+                 "torch_rng": torch.get_rng_state(), "config": self.cfg.to_dict(), "skipped_nonfinite": self.skipped_nonfinite}  # fmt: skip
         return save_train_state(out_dir, self.step, params=self.named, ema=self.ema.shadow, state=state, keep=self.cfg.train.keep)
 
     def load(self, ckpt: dict) -> None:
@@ -116,14 +161,49 @@ class Trainer:
         self.ema.load_state_dict({"decay": self.cfg.optim.ema_decay, "shadow": ckpt["ema"]})
         self.clip.load_state_dict(st["clip"])
         self.step, self.pos = int(st["step"]), int(st["data_pos"])
+        self.skipped_nonfinite = int(st.get("skipped_nonfinite", 0))  # older checkpoints lack it
         torch.set_rng_state(st["torch_rng"])
 
     def export(self, out) -> Path | None:
-        """Write the EMA weights as a pipeline directory (``recipes/sample.py --checkpoint``)."""
+        """Write the EMA weights as a pipeline directory (``recipes/sample.py --checkpoint``); never non-finite ones."""
+        self.check_finite(out, state=False)
         return export_pipeline(self.cfg, self.ema.shadow, out, info={"trained_steps": self.step, "samples_seen": self.pos})
 
     def finish(self) -> None:
         pass
+
+    # -- the run directory ---------------------------------------------------------------------------------
+
+    def start(self, out_dir) -> list[str]:
+        """Prepare ``out_dir`` for the run continuing from ``self.step`` (collective): the main rank creates
+        it, removes the temporary checkpoint directories of killed writers and drops the log records of steps
+        after ``self.step`` (a resumed run writes them again, see ``ospfn.train.runlog``).  A failure raises
+        ``ospfn.train.build.TrainError`` with the same message on every rank.  Returns notes for the user."""
+        from ospfn.train.build import TrainError
+        from ospfn.train.runlog import RunLog
+
+        out_dir = Path(out_dir)
+        notes, ok, msg = [], True, ""
+        if self.is_main:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                if not os.access(out_dir, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, "not writable")
+                swept = _sweep_stale(out_dir)
+                if swept:
+                    notes.append(f"removed {len(swept)} temporary checkpoint director{'ies' if len(swept) > 1 else 'y'} of killed runs")
+                self.runlog = RunLog(out_dir / "log.jsonl")
+                dropped = self.runlog.start(self.step)
+                if dropped:
+                    notes.append(f"{self.runlog.path}: dropped {dropped} line{'s' if dropped > 1 else ''} after step {self.step} (re-run now)")
+            except OSError as e:
+                ok, msg = False, f"out_dir {out_dir}: cannot create or write it: {e.strerror or e}"
+        self.agree(ok, msg, TrainError)
+        return notes
+
+    def log(self, record: dict) -> str | None:
+        """Append ``record`` to the run log (main rank; after ``start``); returns the line written."""
+        return self.runlog.append(record) if self.runlog is not None else None
 
     # -- the step ------------------------------------------------------------------------------------------
 
@@ -170,7 +250,9 @@ class Trainer:
         return clip_grad_norm(self.trainable, oc.clip_initial), oc.clip_initial
 
     def train_step(self) -> dict:
-        """One optimisation step; returns its log record."""
+        """One optimisation step; returns its log record.  A non-finite loss or gradient norm (on any rank)
+        raises ``NonFiniteError`` (``train.nonfinite: stop``) or skips the update (``skip``; the record then
+        has ``"skipped": true``); ``skipped_nonfinite`` counts the skipped steps of the run."""
         tc, oc = self.cfg.train, self.cfg.optim
         t0 = time.perf_counter()
         total = 0.0
@@ -178,13 +260,27 @@ class Trainer:
             loss = self.micro_loss(micro)
             self.backward(loss)
             total += float(loss.detach()) / tc.grad_accum
-        gnorm, thr = self.clip_grads()
+        gnorm, thr = self.clip_grads()  # AdaptiveGradClip leaves its statistics alone on a non-finite norm
+        loss, finite = self.reduce_step(total, math.isfinite(total) and math.isfinite(gnorm))
         lr = warmup_constant(self.step, base_lr=oc.lr, warmup_steps=oc.warmup_steps)
-        set_lr(self.opt, lr)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.named)
-        self.step += 1
-        loss = self.mean_loss(total)
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "clip_threshold": thr,
-                "step_time": time.perf_counter() - t0, "samples": self.pos, **self.log_extra()}  # fmt: skip
+        step = self.step + 1
+        if finite:
+            set_lr(self.opt, lr)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.ema.update(self.named)
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            what = [f"loss ({loss})"] * (not math.isfinite(loss)) + [f"gradient norm ({gnorm})"] * (not math.isfinite(gnorm))
+            what = " and ".join(what) or "loss or gradient (on another rank)"
+            if tc.nonfinite == "stop":
+                raise NonFiniteError(f"step {step}: non-finite {what}; stopping without applying the step "
+                                     "(train.nonfinite: stop; 'skip' skips such steps)")  # fmt: skip
+            self.skipped_nonfinite += 1
+        self.step = step
+        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "clip_threshold": thr,
+               "step_time": time.perf_counter() - t0, "samples": self.pos, "skipped_nonfinite": self.skipped_nonfinite,
+               **self.log_extra()}  # fmt: skip
+        if not finite:
+            rec["skipped"] = True
+        return rec
