@@ -12,6 +12,8 @@ first frame and caption and measures
     python recipes/eval_tiny.py --checkpoint runs/tiny_flashi2v/final --num 32 --check
 
 ``--check`` exits with status 1 unless mean PSNR >= 24 dB, direction accuracy >= 80 % and presence >= 90 %.
+Bad arguments (``--num 0``, ``--steps 0``, ``--guidance nan``, a ``--json`` path that cannot be written) exit
+with status 2 before any example is generated.
 """
 
 from __future__ import annotations
@@ -19,30 +21,62 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+from pathlib import Path
+
+
+def _path_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
+    return text
+
+
+def parse_args(argv=None):
+    from ospfn.train.config import float_arg, int_arg
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, type=_path_arg, help="pipeline directory (default: the bundled tiny model)")
+    p.add_argument("--num", type=int_arg(1, 100_000), default=64, help="held-out examples (>= 1; the quality bar is meant for >= 32)")
+    p.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0, help="data seed of the eval split")
+    p.add_argument("--steps", type=int_arg(1, 10_000), default=None, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float_arg(0), default=None, help="guidance scale, finite >= 0 (default: the pipeline's)")
+    p.add_argument("--shift", type=float_arg(0, lo_open=True), default=None, help="sigma shift, finite > 0 (default: the pipeline's)")
+    p.add_argument("--json", default=None, type=_path_arg, help="also write the per-example results here")
+    p.add_argument("--check", action="store_true", help="fail unless the quality bar is met")
+    return p.parse_args(argv)
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="pipeline directory (default: the bundled tiny model)")
-    p.add_argument("--num", type=int, default=64, help="held-out examples (>= 32)")
-    p.add_argument("--seed", type=int, default=0, help="data seed of the eval split")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--shift", type=float, default=None)
-    p.add_argument("--json", default=None, help="also write the per-example results here")
-    p.add_argument("--check", action="store_true", help="fail unless the quality bar is met")
-    args = p.parse_args(argv)
-    if args.num < 1:
-        print("error: --num must be >= 1", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    if args.json is not None:  # checked now, not after minutes of sampling
+        jp = Path(args.json)
+        if jp.is_dir():
+            return fail(f"--json: {jp} is a directory")
+        if not jp.parent.is_dir():
+            return fail(f"--json: the directory {jp.parent} does not exist")
+        if not os.access(jp.parent, os.W_OK | os.X_OK):
+            return fail(f"--json: cannot write into {jp.parent}")
 
     from ospfn.data import SyntheticMotion
     from ospfn.eval import caption_direction, motion_direction, track_object
     from ospfn.pipeline import BUNDLED, load_pipeline
 
-    pipe = load_pipeline(args.checkpoint or BUNDLED)
+    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
+    if not (ckpt / "pipeline.json").exists():
+        return fail(f"--checkpoint: {ckpt} is not a pipeline directory (expected pipeline.json, config.json and weights)")
+    try:
+        pipe = load_pipeline(ckpt)
+    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
+        return fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
+    if pipe.cfg.i2v != "flashi2v":
+        return fail(f"--checkpoint: {ckpt} is a text-to-video model; this evaluation conditions on a first frame (FlashI2V)")
     d = pipe.defaults
     data = SyntheticMotion(args.num, frames=int(d["frames"]), size=tuple(d["size"]), split="eval", seed=args.seed)
     rows = []
@@ -65,7 +99,7 @@ def main(argv=None) -> int:
         "direction_accuracy": sum(r["direction_ok"] for r in rows) / n,
         "object_present_fraction": sum(r["present_fraction"] for r in rows) / n,
         "seconds": round(time.perf_counter() - t0, 1),
-        "checkpoint": str(args.checkpoint or BUNDLED),
+        "checkpoint": str(ckpt),
     }
     ok = summary["psnr_frame0_mean_db"] >= 24 and summary["direction_accuracy"] >= 0.8 and summary["object_present_fraction"] >= 0.9
     summary["meets_bar"] = ok

@@ -5,8 +5,9 @@
     python recipes/export.py --run runs/tiny_flashi2v/ckpt-00001000 --weights model --out out/raw
     python recipes/export.py --run runs/tiny_flashi2v --out ospfn/assets/tiny_flashi2v --guidance 1.0
 
-The sampling defaults stored in the pipeline come from the run's ``sample:`` config section; ``--steps``,
-``--guidance``, ``--shift`` and ``--fourier-ratio`` replace them (e.g. after tuning with eval_tiny.py).
+The sampling defaults stored in the pipeline come from the run's ``sample:`` config section; ``--steps``
+(1..10000), ``--guidance`` (finite, >= 0), ``--shift`` (finite, > 0) and ``--fourier-ratio`` (in [0, 1))
+replace them (e.g. after tuning with eval_tiny.py).  Out-of-range values fail before anything is read.
 """
 
 from __future__ import annotations
@@ -14,38 +15,64 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
+
+
+def _path_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a non-empty path, got {text!r}")
+    return text
+
+
+def parse_args(argv=None):
+    from ospfn.train.config import float_arg, int_arg
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=_path_arg, help="a run directory (its latest checkpoint) or a ckpt-* directory")
+    p.add_argument("--out", required=True, type=_path_arg, help="pipeline directory to write")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--steps", type=int_arg(1, 10_000), help="default sampling steps (1..10000)")
+    p.add_argument("--guidance", type=float_arg(0), help="default classifier-free guidance scale (finite, >= 0)")
+    p.add_argument("--shift", type=float_arg(0, lo_open=True), help="default sigma shift (finite, > 0)")
+    p.add_argument("--fourier-ratio", type=float_arg(0, 1, hi_open=True), help="default Fourier high-frequency ratio, in [0, 1)")
+    return p.parse_args(argv)
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run directory (its latest checkpoint) or a ckpt-* directory")
-    p.add_argument("--out", required=True, help="pipeline directory to write")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--steps", type=int, help="default sampling steps")
-    p.add_argument("--guidance", type=float, help="default classifier-free guidance scale")
-    p.add_argument("--shift", type=float, help="default sigma shift")
-    p.add_argument("--fourier-ratio", type=float, help="default Fourier high-frequency ratio")
-    args = p.parse_args(argv)
-    for name in ("steps", "guidance", "shift"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            p.error(f"--{name}: {getattr(args, name)} must be positive")
-    if args.fourier_ratio is not None and not 0 <= args.fourier_ratio < 1:
-        p.error(f"--fourier-ratio: {args.fourier_ratio} must be in [0, 1)")
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return fail(f"--out: {out} exists and is not a directory")
 
-    from ospfn.train.config import load_config
+    from ospfn.model.checkpoint import CheckpointError
+    from ospfn.train.config import ConfigError, load_config
     from ospfn.train.sft import SFTConfig, export_pipeline
     from ospfn.train.state import load_train_state
 
+    if not Path(args.run).exists():
+        return fail(f"--run: no such directory: {args.run}")
     try:
         st = load_train_state(args.run)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = load_config(st["state"]["config"], SFTConfig)
+    except (FileNotFoundError, CheckpointError) as e:
+        return fail(f"--run: {e}")
+    saved = st["state"].get("config") if isinstance(st.get("state"), dict) else None
+    if not isinstance(saved, dict):
+        return fail(f"--run: the checkpoint {st['path']} holds no run config (state.pt lacks 'config')")
+    try:
+        cfg = load_config(saved, SFTConfig)
+    except ConfigError as e:
+        return fail(f"--run: the config stored in {st['path']} is not valid: {e}")
     sample = {k: getattr(args, k) for k in ("steps", "guidance", "shift", "fourier_ratio") if getattr(args, k) is not None}
     if sample:
         cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **sample))
     weights = st["ema"] if args.weights == "ema" else st["params"]
+    if weights is None:
+        return fail(f"--weights ema: the checkpoint {st['path']} has no ema.safetensors; use --weights model")
     out = export_pipeline(cfg, weights, args.out, info={"trained_steps": int(st["state"]["step"]), "weights": args.weights})
     print(f"exported {args.weights} weights of {st['path']} to {out}")
     return 0

@@ -6,46 +6,76 @@ With no arguments it runs the bundled tiny FlashI2V model on its bundled example
     python recipes/sample.py
     python recipes/sample.py --prompt "a large green square moving up on a gray background" --image first.png --seed 3
     python recipes/sample.py --checkpoint runs/tiny_flashi2v/final        # a pipeline exported by train.py
+    python recipes/sample.py --device cuda --dtype bf16 --out out/clip.mp4   # writes out/clip.mp4, out/clip_frames.png
 
-The same arguments and seed give the same video.
+``--out name.mp4`` writes ``name.mp4`` and the strip ``name_frames.png`` beside it; any other ``--out`` is a
+prefix (``out/sample`` -> ``out/sample.mp4``, ``out/sample_frames.png``).  Every number is checked before any
+work (``--steps 0``, ``--guidance nan``, ``--size 0x32`` are errors), and so is every key of ``--config``.
+The same arguments and seed give the same video (the noise comes from a CPU generator on every device).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+MAX_VIDEO_BYTES = 16 * 2**30  # one fp32 video [3, frames, H, W]
+MAX_WRITTEN_SIDE = 16384  # pixels of a written frame side after --scale
+OTHER_MEDIA = (".avi", ".mov", ".mkv", ".webm", ".gif", ".png", ".jpg", ".jpeg", ".webp")
+DTYPES = ("fp32", "bf16")
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = text.lower().split("x")
-        return int(h), int(w)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like HxW (e.g. 32x32), got {text!r}") from None
+
+def _text_arg(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a non-empty string, got {text!r}")
+    return text
+
+
+def value_checks() -> dict:
+    """The check of each numeric / structured argument: an argparse ``type=`` that also takes YAML values."""
+    from ospfn.train.config import float_arg, int_arg, resolve_device, size_arg
+
+    return {
+        "steps": int_arg(1, 10_000),
+        "guidance": float_arg(0),
+        "shift": float_arg(0, lo_open=True),
+        "seed": int_arg(-(2**63), 2**64 - 1),  # what torch.Generator.manual_seed takes
+        "frames": int_arg(1, 100_000),
+        "size": size_arg,
+        "scale": int_arg(1, 64),
+        "device": resolve_device,
+    }
 
 
 def parse_args(argv=None):
+    c = value_checks()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default=None, help="text prompt (default: the bundled example's)")
-    p.add_argument("--image", default=None, help="first frame for I2V models (default: the bundled example image)")
+    p.add_argument("--image", default=None, type=_text_arg, help="first frame for I2V models (default: the bundled example image)")
     p.add_argument("--negative-prompt", default=None, help="unconditional branch of CFG (default: empty prompt)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--shift", type=float, default=None, help="sigma shift of the inference schedule")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--size", type=parse_size, default=None, help="HxW")
-    p.add_argument("--checkpoint", default=None, help="a pipeline directory (default: the bundled tiny FlashI2V model)")
-    p.add_argument("--config", default=None, help="a YAML file whose keys override the arguments above")
-    p.add_argument("--out", default="out/sample", help="output path prefix (.mp4 and _frames.png are appended)")
-    p.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the written files")
+    p.add_argument("--steps", type=c["steps"], default=None, help="sampling steps, 1..10000 (default: the pipeline's)")
+    p.add_argument("--guidance", type=c["guidance"], default=None, help="classifier-free guidance scale, finite >= 0 (1: no CFG)")
+    p.add_argument("--shift", type=c["shift"], default=None, help="sigma shift of the inference schedule, finite > 0")
+    p.add_argument("--seed", type=c["seed"], default=0)
+    p.add_argument("--frames", type=c["frames"], default=None, help="frames to generate, >= 1 (default: the pipeline's)")
+    p.add_argument("--size", type=c["size"], default=None, help="HxW, each a multiple of the VAE stride x patch (default: the pipeline's)")
+    p.add_argument("--checkpoint", default=None, type=_text_arg, help="a pipeline directory (default: the bundled tiny FlashI2V model)")
+    p.add_argument("--config", default=None, type=_text_arg, help="a YAML file whose keys (the argument names) override the arguments")
+    p.add_argument("--out", default="out/sample", type=_text_arg,
+                   help="name.mp4 (the strip goes beside it as name_frames.png) or a prefix (.mp4 and _frames.png appended)")  # fmt: skip
+    p.add_argument("--scale", type=c["scale"], default=8, help="nearest-neighbour upscaling of the written files, 1..64")
+    p.add_argument("--device", type=c["device"], default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype of the DiT (default fp32)")
     return p.parse_args(argv)
 
 
-SAMPLE_KEYS = {"prompt", "image", "negative_prompt", "steps", "guidance", "shift", "seed", "frames", "size", "checkpoint", "out", "scale"}
+SAMPLE_KEYS = {"prompt", "image", "negative_prompt", "steps", "guidance", "shift", "seed", "frames", "size", "checkpoint", "out", "scale",
+               "device", "dtype"}  # fmt: skip
+STRING_KEYS = ("prompt", "image", "negative_prompt", "checkpoint", "out")
 
 
 def fail(msg: str) -> None:
@@ -53,27 +83,90 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+def apply_config(args, path: str) -> None:
+    """Override ``args`` with the keys of the YAML file ``path``, each checked like its command-line flag."""
+    from ospfn.train.config import ConfigError, read_yaml
+
+    try:
+        data = read_yaml(path)
+    except FileNotFoundError:
+        fail(f"--config: no such file: {path}")
+    except ConfigError as e:
+        fail(str(e))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        fail(f"{path}: the top level must be a mapping of argument names, got {type(data).__name__}")
+    checks = value_checks()
+    for k, v in data.items():
+        if k not in SAMPLE_KEYS:
+            fail(f"{path}: unknown key {k!r} (allowed: {sorted(SAMPLE_KEYS)})")
+        if k in STRING_KEYS:
+            if not isinstance(v, str) or (k != "prompt" and k != "negative_prompt" and not v.strip()):
+                fail(f"{path}: {k} must be a non-empty string, got {v!r}")
+        elif k == "dtype":
+            if v not in DTYPES:
+                fail(f"{path}: dtype must be one of {list(DTYPES)}, got {v!r}")
+        elif k == "size":
+            try:
+                v = checks[k](v)
+            except ValueError as e:
+                fail(f"{path}: size {e}")
+        elif k == "device":
+            try:
+                v = checks[k](v)
+            except ValueError as e:
+                fail(f"{path}: device: {e}")
+        else:
+            try:
+                v = checks[k].check(v, k)
+            except ValueError as e:
+                fail(f"{path}: {e}")
+        setattr(args, k, v)
+
+
+def output_paths(out: str) -> tuple[Path, Path]:
+    """(mp4, strip png) of ``--out``: ``name.mp4`` as given with ``name_frames.png`` beside it, else a prefix."""
+    p = Path(out)
+    if p.suffix.lower() == ".mp4":
+        return p, p.with_name(p.stem + "_frames.png")
+    if p.suffix.lower() in OTHER_MEDIA:
+        fail(f"--out: {out!r} names a {p.suffix} file, but this writes an .mp4 (and a PNG strip); give name.mp4 or a prefix")
+    return p.with_name(p.name + ".mp4"), p.with_name(p.name + "_frames.png")
+
+
+def check_writable(path: Path) -> None:
+    """Fail now (not after sampling) if ``path`` cannot be written."""
+    if path.is_dir():
+        fail(f"--out: {path} is a directory; give name.mp4 or a prefix")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"--out: {parent} is not a directory, so {path} cannot be written")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out: cannot write into {parent}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.config:
-        import yaml
+    if args.config is not None:
+        apply_config(args, args.config)
+    mp4_path, png_path = output_paths(args.out)
+    check_writable(mp4_path)
 
-        cp = Path(args.config)
-        if not cp.exists():
-            fail(f"--config: no such file: {cp}")
-        data = yaml.safe_load(cp.read_text()) or {}
-        if not isinstance(data, dict):
-            fail(f"{cp}: the top level must be a mapping of argument names")
-        for k, v in data.items():
-            if k not in SAMPLE_KEYS:
-                fail(f"{cp}: unknown key {k!r} (allowed: {sorted(SAMPLE_KEYS)})")
-            if k == "size":
-                v = parse_size(v) if isinstance(v, str) else tuple(v)
-            setattr(args, k, v)
+    import torch
 
     from ospfn.pipeline import BUNDLED
+    from ospfn.train.config import resolve_device
 
-    ckpt = Path(args.checkpoint) if args.checkpoint else BUNDLED
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        fail(f"--device: {e}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
     if not (ckpt / "pipeline.json").exists():
         fail(f"--checkpoint: {ckpt} is not a pipeline directory (expected pipeline.json, config.json and weights)")
     bundled = ckpt == BUNDLED
@@ -89,8 +182,21 @@ def main(argv=None) -> int:
     from ospfn.io import read_image, write_mp4, write_strip_png
     from ospfn.pipeline import load_pipeline
 
-    pipe = load_pipeline(ckpt)
-    size = tuple(args.size or pipe.defaults["size"])
+    try:
+        pipe = load_pipeline(ckpt, dtype=dtype, device=device)
+    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
+        fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
+    size = tuple(args.size) if args.size is not None else tuple(pipe.defaults["size"])
+    frames = args.frames if args.frames is not None else int(pipe.defaults["frames"])
+    steps = args.steps if args.steps is not None else int(pipe.defaults["steps"])
+    mult = pipe.vae.stride[1] * pipe.cfg.patch_size[1], pipe.vae.stride[2] * pipe.cfg.patch_size[2]
+    if size[0] % mult[0] or size[1] % mult[1]:
+        fail(f"--size: {size[0]}x{size[1]} must be a multiple of {mult[0]}x{mult[1]} (VAE stride x patch) in each dimension")
+    if 3 * frames * size[0] * size[1] * 4 > MAX_VIDEO_BYTES:
+        fail(f"--frames / --size: {frames} frames of {size[0]}x{size[1]} make a {3 * frames * size[0] * size[1] * 4 / 2**30:.3g} GiB video; "
+             f"at most {MAX_VIDEO_BYTES // 2**30} GiB")  # fmt: skip
+    if max(size) * args.scale > MAX_WRITTEN_SIDE:
+        fail(f"--scale: {args.scale} makes {size[0] * args.scale}x{size[1] * args.scale} frames; each side at most {MAX_WRITTEN_SIDE}")
     image = None
     if pipe.cfg.i2v == "flashi2v":
         if image_path is None:
@@ -102,7 +208,6 @@ def main(argv=None) -> int:
     elif image_path is not None:
         fail("--image given but the model is text-to-video")
 
-    steps = args.steps or pipe.defaults["steps"]
     bar = None
     try:
         from tqdm import tqdm
@@ -113,16 +218,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     video = pipe.generate(
         prompt, image=image, negative_prompt=args.negative_prompt, steps=steps, guidance=args.guidance,
-        shift=args.shift, seed=args.seed, frames=args.frames, size=size,
+        shift=args.shift, seed=args.seed, frames=frames, size=size,
         callback=(lambda i, z: bar.update(1)) if bar is not None else None,
     )  # fmt: skip
     if bar is not None:
         bar.close()
-    out = Path(args.out)
-    mp4 = write_mp4(out.with_name(out.name + ".mp4"), video, fps=int(pipe.defaults.get("fps", 8)), scale=args.scale)
-    png = write_strip_png(out.with_name(out.name + "_frames.png"), video, scale=args.scale)
+    video = video.float().cpu()
+    mp4 = write_mp4(mp4_path, video, fps=int(pipe.defaults.get("fps", 8)), scale=args.scale)
+    png = write_strip_png(png_path, video, scale=args.scale)
     info = {"prompt": prompt, "image": image_path, "seed": args.seed, "steps": steps, "frames": int(video.shape[1]),
-            "size": list(video.shape[2:]), "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+            "size": list(video.shape[2:]), "device": str(device), "dtype": args.dtype,
+            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     print(json.dumps(info))
     print(f"wrote {mp4}")
     print(f"wrote {png}")

@@ -49,11 +49,11 @@ def write_cfg(tmp_path, out, **changes):
 def test_resume_is_exact(tmp_path):
     train = load_recipe("train")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(["--config", str(write_cfg(tmp_path, straight)), "--no-progress"]) == 0
+    assert train.main(["--config", str(write_cfg(tmp_path, straight)), "--no-progress", "--device", "cpu"]) == 0
     cfg_split = write_cfg(tmp_path, split)
-    assert train.main(["--config", str(cfg_split), "--no-progress", "--stop-after", "2"]) == 0
+    assert train.main(["--config", str(cfg_split), "--no-progress", "--device", "cpu", "--stop-after", "2"]) == 0
     assert not (split / "final").exists()  # stopped early: no export yet
-    assert train.main(["--config", str(cfg_split), "--no-progress", "--resume"]) == 0
+    assert train.main(["--config", str(cfg_split), "--no-progress", "--device", "cpu", "--resume"]) == 0
     a, b = straight / "ckpt-00000004", split / "ckpt-00000004"
     for name in ("model.safetensors", "ema.safetensors"):
         ta, tb = load_file(a / name), load_file(b / name)
@@ -74,16 +74,16 @@ def test_resume_is_exact(tmp_path):
 def test_resume_may_extend_steps_but_not_change_training(tmp_path, capsys):
     train = load_recipe("train")
     straight, short = tmp_path / "straight", tmp_path / "short"
-    assert train.main(["--config", str(write_cfg(tmp_path, straight)), "--no-progress"]) == 0
-    assert train.main(["--config", str(write_cfg(tmp_path, short, **{"train.steps": 2})), "--no-progress"]) == 0
+    assert train.main(["--config", str(write_cfg(tmp_path, straight)), "--no-progress", "--device", "cpu"]) == 0
+    assert train.main(["--config", str(write_cfg(tmp_path, short, **{"train.steps": 2})), "--no-progress", "--device", "cpu"]) == 0
     changed = write_cfg(tmp_path, short, **{"optim.lr": 2.0e-3, "data.seed": 1})
     with pytest.raises(SystemExit) as exc:
-        train.main(["--config", str(changed), "--no-progress", "--resume"])
+        train.main(["--config", str(changed), "--no-progress", "--device", "cpu", "--resume"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "data.seed, optim.lr" in err and "train.steps" not in err
     longer = write_cfg(tmp_path, short, **{"train.steps": 4, "train.log_every": 2, "sample.steps": 5})
-    assert train.main(["--config", str(longer), "--no-progress", "--resume"]) == 0
+    assert train.main(["--config", str(longer), "--no-progress", "--device", "cpu", "--resume"]) == 0
     ta = load_file(straight / "ckpt-00000004" / "model.safetensors")
     tb = load_file(short / "ckpt-00000004" / "model.safetensors")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -93,7 +93,7 @@ def test_resume_without_a_checkpoint_fails_before_work(tmp_path, capsys):
     train = load_recipe("train")
     out = tmp_path / "never_ran"
     with pytest.raises(SystemExit) as exc:
-        train.main(["--config", str(write_cfg(tmp_path, out)), "--no-progress", "--resume"])
+        train.main(["--config", str(write_cfg(tmp_path, out)), "--no-progress", "--device", "cpu", "--resume"])
     assert exc.value.code == 2
     assert f"error: --resume: no checkpoint found in {out}" in capsys.readouterr().err
     assert not out.exists()
@@ -102,7 +102,7 @@ def test_resume_without_a_checkpoint_fails_before_work(tmp_path, capsys):
 def test_exported_pipeline_samples_deterministically(tmp_path):
     train = load_recipe("train")
     out = tmp_path / "run"
-    assert train.main(["--config", str(write_cfg(tmp_path, out)), "--no-progress"]) == 0
+    assert train.main(["--config", str(write_cfg(tmp_path, out)), "--no-progress", "--device", "cpu"]) == 0
     from ospfn.data import SyntheticMotion
     from ospfn.pipeline import load_pipeline
 
@@ -118,7 +118,7 @@ def test_exported_pipeline_samples_deterministically(tmp_path):
 
     Image.fromarray(((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(png)
     r = subprocess.run([sys.executable, str(ROOT / "recipes" / "sample.py"), "--checkpoint", str(out / "final"), "--image", str(png),
-                        "--prompt", "a red circle moving left", "--out", str(tmp_path / "vid"), "--seed", "5"],
+                        "--prompt", "a red circle moving left", "--out", str(tmp_path / "vid"), "--seed", "5", "--device", "cpu"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "vid.mp4").stat().st_size > 0 and (tmp_path / "vid_frames.png").exists()
@@ -142,7 +142,7 @@ def test_exported_pipeline_samples_deterministically(tmp_path):
 )
 def test_bad_train_configs_fail_before_work(tmp_path, change, message):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--config", str(write_cfg(tmp_path, out, **change))],
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--config", str(write_cfg(tmp_path, out, **change)), "--device", "cpu"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2
     import re
@@ -155,7 +155,8 @@ def test_bad_sample_arguments(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (20, 16)).save(tmp_path / "wrong.png")
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "recipes" / "sample.py"), *a], capture_output=True, text=True, timeout=120)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "recipes" / "sample.py"), "--device", "cpu", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)  # fmt: skip
     r = run("--image", str(tmp_path / "wrong.png"), "--prompt", "x", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and f"image {tmp_path / 'wrong.png'} is 16x20" in r.stderr
     r = run("--checkpoint", str(tmp_path / "missing"), "--prompt", "x")

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelConfig", "ParallelState", "init_parallel", "check_model_parallel"]
+__all__ = ["ParallelConfig", "ParallelState", "init_parallel", "check_model_parallel", "launch_device"]
 
 
 @dataclass(frozen=True)
@@ -83,34 +83,85 @@ class ParallelState:
         return comm_tag(tag)
 
 
-def init_parallel(config: ParallelConfig, *, backend: Optional[str] = None, device: Optional[str] = None) -> ParallelState:
-    """Initialise torch.distributed from the torchrun environment (if needed) and build the groups.
+_BACKEND_OF = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
-    Raises ``ValueError`` (the same message on every rank, before any collective) when the world size is not
-    a multiple of S*U.
-    """
-    if not isinstance(config, ParallelConfig):
-        raise TypeError(f"init_parallel: config must be a ParallelConfig, got {type(config).__name__}")
-    if not dist.is_initialized():
-        world_env = os.environ.get("WORLD_SIZE")
-        if world_env is None:
-            raise RuntimeError("init_parallel: torch.distributed is not initialised and WORLD_SIZE is unset; launch with torchrun")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        backend = backend or ("nccl" if device == "cuda" else "gloo")
-        dist.init_process_group(backend)
-    world, rank = dist.get_world_size(), dist.get_rank()
+
+def _npu_available() -> bool:
+    """An Ascend NPU this process can use: ``torch_npu`` imports and reports a device."""
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except ImportError:
+        return False
+    npu = getattr(torch, "npu", None)
+    return bool(npu is not None and npu.is_available())
+
+
+def launch_device(device: Optional[str] = None) -> tuple[str, str]:
+    """(device type, process-group backend) of a launch: ``cuda`` + nccl when CUDA is available, else ``npu`` +
+    hccl when ``torch_npu`` imports and has a device, else ``cpu`` + gloo.  An explicit ``device`` ("cpu",
+    "cuda" or "npu") is checked against the machine (``ValueError`` before any process group exists)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else ("npu" if _npu_available() else "cpu")
+    if device not in _BACKEND_OF:
+        raise ValueError(f"init_parallel: device must be one of {sorted(_BACKEND_OF)} (a device type), got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("init_parallel: device 'cuda' requested but CUDA is not available here (torch.cuda.is_available() is False)")
+    if device == "npu" and not _npu_available():
+        raise ValueError("init_parallel: device 'npu' requested but no NPU is available (torch_npu missing or no device)")
+    return device, _BACKEND_OF[device]
+
+
+def _world_from_env() -> int:
+    text = os.environ.get("WORLD_SIZE")
+    if text is None:
+        raise RuntimeError("init_parallel: torch.distributed is not initialised and WORLD_SIZE is unset; launch with torchrun")
+    try:
+        world = int(text)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ValueError(f"init_parallel: WORLD_SIZE must be a positive int (set by torchrun), got {text!r}")
+    return world
+
+
+def _check_world(world: int, config: ParallelConfig) -> None:
     S, U = config.skiparse_sp, config.ulysses_sp
     if world % (S * U):
         raise ValueError(
             f"init_parallel: world size {world} is not a multiple of skiparse_sp * ulysses_sp = {S} * {U} = {S * U}"
         )
+
+
+def init_parallel(config: ParallelConfig, *, backend: Optional[str] = None, device: Optional[str] = None) -> ParallelState:
+    """Initialise torch.distributed from the torchrun environment (if needed) and build the groups.
+
+    The device comes from the launch (``launch_device``): cuda + nccl on CUDA machines (rank r on
+    cuda:LOCAL_RANK), npu + hccl when ``torch_npu`` is present with a device, cpu + gloo otherwise; ``device``
+    ("cpu", "cuda", "npu") overrides it.  With a process group already initialised, the device follows its
+    backend.  Raises ``ValueError`` (the same message on every rank, before any collective) when the world size
+    is not a multiple of S*U or the device cannot be used.
+    """
+    if not isinstance(config, ParallelConfig):
+        raise TypeError(f"init_parallel: config must be a ParallelConfig, got {type(config).__name__}")
+    if not dist.is_initialized():
+        _check_world(_world_from_env(), config)  # before the rendezvous: every rank sees the same environment
+        device, default_backend = launch_device(device)
+        backend = backend or default_backend
+        dist.init_process_group(backend)
+    elif device is not None:
+        device, _ = launch_device(device)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    _check_world(world, config)
+    S, U = config.skiparse_sp, config.ulysses_sp
     if device is None:
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device = {"nccl": "cuda", "hccl": "npu"}.get(dist.get_backend(), "cpu")
     dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
         torch.cuda.set_device(dev)
+    elif dev.type == "npu":
+        dev = torch.device("npu", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.npu.device_count()))))
+        torch.npu.set_device(dev)
     SU = S * U
     dp = world // SU
     d, rem = divmod(rank, SU)

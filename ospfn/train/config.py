@@ -1,21 +1,178 @@
-"""Typed, validated recipe configs loaded from YAML.
+"""Typed, validated recipe configs loaded from YAML, and the recipes' argument checks.
 
 A config is a tree of frozen dataclasses.  ``load_config(path_or_dict, Schema)`` rejects unknown keys and
-wrong types with the full key path (``train.batch_size: expected int, got str 'x'``) before any work starts.
+wrong types with the full key path (``train.batch_size: expected int, got str 'x'``) before any work starts;
+each section's ``__post_init__`` checks the ranges (``optim.lr must be a finite number > 0, got 0.0``).  YAML
+syntax errors name the file, line and column (``read_yaml``).
+
+The recipes' command lines share one small set of checks: ``int_arg`` / ``float_arg`` (a number in a range,
+finite), ``size_arg`` (``HxW``) and ``resolve_device`` (``cpu``, ``cuda``, ``cuda:N``; default cuda when
+available).  Each is an ``argparse`` ``type=`` (it parses the command-line text; argparse prefixes the flag:
+``argument --steps: must be an int >= 1, got '0'``); ``int_arg`` / ``float_arg`` also have a strict
+``check(value, name)`` for values read from YAML (no strings, no bools), and ``size_arg`` takes an [H, W] list
+as well.  Their errors are ``ArgValueError``: both an ``argparse.ArgumentTypeError`` and a ``ValueError``.
+
+    >>> int_arg(1)("3")
+    3
+    >>> try:
+    ...     float_arg(0, 1, hi_open=True).check(1.0, "fourier_ratio")
+    ... except ValueError as e:
+    ...     print(e)
+    fourier_ratio must be a number in [0, 1), got 1.0
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
-__all__ = ["ConfigError", "load_config", "to_dict"]
+__all__ = [
+    "ArgValueError",
+    "Bounded",
+    "ConfigError",
+    "float_arg",
+    "int_arg",
+    "load_config",
+    "read_yaml",
+    "resolve_device",
+    "size_arg",
+    "to_dict",
+]
 
 
 class ConfigError(ValueError):
     """A recipe config is malformed; the message names the key path."""
+
+
+class ArgValueError(argparse.ArgumentTypeError, ValueError):
+    """A command-line or config value out of range.  argparse reports it as ``argument --flag: <message>``."""
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+class Bounded:
+    """A number of type ``kind`` (int or float) in a range; floats must also be finite.
+
+    ``Bounded(...)(text)`` parses command-line text (an argparse ``type=``); ``check(value, name)`` takes a value
+    as read from YAML (no strings, no bools) and names it in the message.
+    """
+
+    def __init__(self, kind: type, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False) -> None:
+        if kind not in (int, float):
+            raise TypeError(f"Bounded: kind must be int or float, got {kind!r}")
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.__name__ = kind.__name__  # argparse names the type in some messages
+
+    @property
+    def allowed(self) -> str:
+        what = "an int" if self.kind is int else ("a number" if self.lo is not None and self.hi is not None else "a finite number")
+        if self.lo is not None and self.hi is not None:
+            return f"{what} in {'(' if self.lo_open else '['}{_fmt(self.lo)}, {_fmt(self.hi)}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {_fmt(self.lo)}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {_fmt(self.hi)}"
+        return what
+
+    def _ok(self, v) -> bool:
+        if self.kind is float and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+            return False
+        return True
+
+    def _valid(self, value) -> bool:
+        types = (int,) if self.kind is int else (int, float)
+        return not isinstance(value, bool) and isinstance(value, types) and self._ok(value)
+
+    def check(self, value, name: str):
+        """``value`` (an int, or for floats an int or float) if it is in range, else ``ArgValueError`` naming ``name``."""
+        if not self._valid(value):
+            raise ArgValueError(f"{name} must be {self.allowed}, got {value!r}")
+        return self.kind(value)
+
+    def __call__(self, text):
+        """Command-line text (or an already typed value) -> the number; argparse names the flag in the error."""
+        value = text
+        if isinstance(text, str):
+            try:
+                value = self.kind(text.strip())
+            except ValueError:
+                value = None
+        if not self._valid(value):
+            raise ArgValueError(f"must be {self.allowed}, got {text!r}")
+        return self.kind(value)
+
+    def __repr__(self) -> str:
+        return f"Bounded({self.allowed})"
+
+
+def int_arg(lo: Optional[int] = None, hi: Optional[int] = None) -> Bounded:
+    """An int in [lo, hi] (either bound may be None)."""
+    return Bounded(int, lo, hi)
+
+
+def float_arg(lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False) -> Bounded:
+    """A finite float between ``lo`` and ``hi`` (closed bounds unless ``*_open``)."""
+    return Bounded(float, lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+MAX_SIDE = 16384  # pixels: a frame side beyond this is a typo, not a video
+
+
+def size_arg(value) -> tuple[int, int]:
+    """``HxW`` text (or an [H, W] pair from YAML) -> (H, W), both ints in [1, MAX_SIDE]."""
+    allowed = f"HxW with two ints in [1, {MAX_SIDE}] (e.g. 32x32)"
+    hw = None
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        if len(parts) == 2:
+            try:
+                hw = (int(parts[0]), int(parts[1]))
+            except ValueError:
+                hw = None
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        hw = (value[0], value[1])
+    if hw is None or not all(1 <= v <= MAX_SIDE for v in hw):
+        raise ArgValueError(f"must be {allowed}, got {value!r}")
+    return hw
+
+
+def resolve_device(spec: Optional[str] = None):
+    """The ``torch.device`` a recipe runs on: ``None`` or ``"auto"`` -> cuda when available, else cpu; otherwise
+    ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine (``ArgValueError`` when it cannot run here)."""
+    import torch
+
+    if spec is None or spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = "allowed: auto, cpu, cuda, cuda:N"
+    if isinstance(spec, torch.device):
+        dev = spec
+    elif not isinstance(spec, str):
+        raise ArgValueError(f"device must be a string ({allowed}), got {type(spec).__name__} {spec!r}")
+    else:
+        try:
+            dev = torch.device(spec.strip())
+        except (RuntimeError, ValueError, TypeError):
+            raise ArgValueError(f"unknown device {spec!r}; {allowed}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ArgValueError(f"device {spec!r} is not supported by the recipes; {allowed}")
+    if not torch.cuda.is_available():
+        raise ArgValueError(f"device {spec!r} requested but CUDA is not available here (torch.cuda.is_available() is False); use cpu")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise ArgValueError(f"device {spec!r} does not exist: this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1})")
+    return dev
 
 
 def _type_name(tp) -> str:
@@ -66,8 +223,12 @@ def _coerce(value: Any, tp, path: str):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str) and _looks_numeric(value):
+            raise ConfigError(f"{path}: expected a number, got str {value!r} (YAML reads 1e-3 as a string: write 1.0e-3)")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -82,6 +243,13 @@ def _coerce(value: Any, tp, path: str):
             raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _build(data: dict, cls, path: str):
@@ -100,24 +268,55 @@ def _build(data: dict, cls, path: str):
             raise ConfigError(f"missing required key {key}")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from e
+        msg = str(e)
+        # the sections name their keys in full (``train.steps must be ...``); others get the section's path
+        raise ConfigError(msg if not path or msg.startswith(path) else f"{path}: {msg}") from e
+
+
+def read_yaml(path) -> Any:
+    """The parsed YAML document at ``path``; ``FileNotFoundError`` if it is missing, ``ConfigError`` naming the
+    file (and, for syntax errors, the line and column) if it cannot be read or parsed."""
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a YAML file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the file: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
 
 
 def load_config(source, schema):
-    """Parse a YAML file (path) or a dict into ``schema`` (a dataclass), validating every key."""
-    if isinstance(source, (str, Path)):
-        import yaml
+    """Parse a YAML file (path) or a dict into ``schema`` (a dataclass), validating every key.
 
+    Errors from a file name it: ``cfg.yaml: optim.lr must be a finite number > 0, got 0.0``."""
+    if isinstance(source, (str, Path)):
         p = Path(source)
-        if not p.exists():
-            raise FileNotFoundError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p)
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-    else:
-        data = source
-    return _build(data, schema, "")
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+        try:
+            return _build(data, schema, "")
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
+    if not isinstance(source, dict):
+        raise ConfigError(f"load_config: source must be a YAML path or a dict, got {type(source).__name__}")
+    return _build(source, schema, "")
 
 
 def to_dict(cfg) -> dict:

@@ -3,6 +3,12 @@
 ``recipes/train.py`` is the loop; the decisions that make a run reproducible and resumable live here:
 the data order is a function of (seed, global sample position), the noise of every micro-step is drawn
 from a generator seeded by (seed, step, micro-step), and everything else is in the checkpoint.
+
+Every section checks its values on construction, so ``load_config(path, SFTConfig)`` rejects anything torch
+would reject later (or that would allocate absurd amounts of memory) with the key path:
+``optim.betas[1] must be a number in [0, 1), got 1.0``.  ``SFTConfig`` then checks what spans sections: the
+DiT built from ``model`` (``derive_configs``), ``data.size`` against the VAE stride and patch, the memory of
+one sample and one micro-batch, and whether the ``parallel`` section can split the token grid.
 """
 
 from __future__ import annotations
@@ -15,12 +21,60 @@ import torch
 
 __all__ = ["SFTConfig", "resume_conflicts", "sample_order", "step_generator", "split_params", "join_params"]
 
+# Limits of values that are legal but absurd: each would make the run allocate far more than any machine has.
+MAX_NUM_SAMPLES = 100_000_000  # the data order is a permutation of all samples (8 bytes each), drawn every step
+MAX_SAMPLE_BYTES = 16 * 2**30  # one fp32 video [3, frames, H, W]
+MAX_BATCH_BYTES = 64 * 2**30  # one micro-batch of videos on one rank
+MAX_SEED = 2**32 - 1
+DERIVED_OVERRIDES = ("in_dim", "out_dim", "i2v", "text_len")  # set from the VAE, train.task and text.text_len
+
+
+def _int(key: str, value, lo: int, hi=None) -> int:
+    from ospfn.train.config import int_arg
+
+    return int_arg(lo, hi).check(value, key)
+
+
+def _num(key: str, value, lo=None, hi=None, **open_bounds) -> float:
+    from ospfn.train.config import float_arg
+
+    return float_arg(lo, hi, **open_bounds).check(value, key)
+
+
+def _hw(key: str, value) -> None:
+    from ospfn.train.config import MAX_SIDE
+
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{key} must be an [H, W] pair of ints in [1, {MAX_SIDE}], got {value!r}")
+    for i, v in enumerate(value):
+        _int(f"{key}[{i}]", v, 1, MAX_SIDE)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
 
 @dataclass(frozen=True)
 class ModelSection:
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
     checkpoint: Optional[str] = None  # initial DiT weights (any format load_checkpoint reads)
+
+    def __post_init__(self):
+        from ospfn.model.config import PRESETS, DiTConfig
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"model.overrides must be a mapping of DiTConfig fields, got {type(self.overrides).__name__} {self.overrides!r}")
+        allowed = sorted(f.name for f in dataclasses.fields(DiTConfig) if f.name != "extra" and f.name not in DERIVED_OVERRIDES)
+        for key in self.overrides:
+            if key in DERIVED_OVERRIDES:
+                raise ValueError(f"model.overrides.{key} is derived (VAE channels / train.task / text.text_len); remove it")
+            if key not in allowed:
+                raise ValueError(f"model.overrides.{key} is not a DiTConfig field; allowed: {allowed}")
+        if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or not self.checkpoint.strip()):
+            raise ValueError(f"model.checkpoint must be a path or null, got {self.checkpoint!r}")
 
 
 @dataclass(frozen=True)
@@ -31,11 +85,21 @@ class TextSection:
     heads: int = 2
     train: bool = True
 
+    def __post_init__(self):
+        _int("text.text_len", self.text_len, 1, 65536)
+        _int("text.vocab", self.vocab, 2, 2**24)  # token ids hash into [1, vocab); 0 is end-of-text
+        _int("text.heads", self.heads, 1, 1024)
+
 
 @dataclass(frozen=True)
 class VAESection:
     kind: Literal["pixel"] = "pixel"
     spatial: int = 4
+
+    def __post_init__(self):
+        if self.kind != "pixel":
+            raise ValueError(f"vae.kind must be one of ['pixel'], got {self.kind!r}")
+        _int("vae.spatial", self.spatial, 1, 64)
 
 
 @dataclass(frozen=True)
@@ -49,6 +113,32 @@ class DataSection:
     train_fps: int = 16
     buckets: list = field(default_factory=lambda: [[480, 832]])
     num_workers: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "video"):
+            raise ValueError(f"data.kind must be one of ['synthetic', 'video'], got {self.kind!r}")
+        _int("data.num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
+        _int("data.frames", self.frames, 1, 100_000)
+        _hw("data.size", self.size)
+        _int("data.seed", self.seed, 0, MAX_SEED)
+        _int("data.train_fps", self.train_fps, 1, 1000)
+        _int("data.num_workers", self.num_workers, 0, 1024)
+        if not isinstance(self.buckets, (list, tuple)) or not self.buckets:
+            raise ValueError(f"data.buckets must be a non-empty list of [H, W] pairs, got {self.buckets!r}")
+        for i, b in enumerate(self.buckets):
+            _hw(f"data.buckets[{i}]", b)
+        if self.kind == "video" and (not isinstance(self.index, str) or not self.index.strip()):
+            raise ValueError(f"data.index must name the OSP-Next index file when data.kind is 'video', got {self.index!r}")
+        per_sample = 3 * self.frames * max(h * w for h, w in self.sizes()) * 4
+        if per_sample > MAX_SAMPLE_BYTES:
+            raise ValueError(
+                f"data.frames x data.{'size' if self.kind == 'synthetic' else 'buckets'} make one fp32 video of {_gib(per_sample)} "
+                f"({self.frames} frames); at most {_gib(MAX_SAMPLE_BYTES)} per sample"
+            )
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """The (H, W) sizes a sample can have: ``size`` for synthetic data, the ``buckets`` for video."""
+        return [tuple(self.size)] if self.kind == "synthetic" else [tuple(b) for b in self.buckets]
 
 
 @dataclass(frozen=True)
@@ -64,6 +154,23 @@ class OptimSection:
     clip_initial: float = 1.0
     clip_decay: float = 0.99
     clip_k: float = 3.0
+
+    def __post_init__(self):
+        _num("optim.lr", self.lr, 0, lo_open=True)
+        _num("optim.weight_decay", self.weight_decay, 0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be a pair [beta1, beta2] of numbers in [0, 1), got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            _num(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
+        _num("optim.eps", self.eps, 0, lo_open=True)
+        _int("optim.warmup_steps", self.warmup_steps, 0)
+        _num("optim.branch_lr_mult", self.branch_lr_mult, 0)
+        _num("optim.ema_decay", self.ema_decay, 0, 1, hi_open=True)
+        if not isinstance(self.adaptive_clip, bool):
+            raise ValueError(f"optim.adaptive_clip must be true or false, got {type(self.adaptive_clip).__name__} {self.adaptive_clip!r}")
+        _num("optim.clip_initial", self.clip_initial, 0, lo_open=True)
+        _num("optim.clip_decay", self.clip_decay, 0, 1, hi_open=True)
+        _num("optim.clip_k", self.clip_k, 0)
 
 
 @dataclass(frozen=True)
@@ -84,15 +191,31 @@ class TrainSection:
     log_every: int = 10
     ckpt_every: int = 500
     keep: int = 2
+    nonfinite: Literal["stop", "skip"] = "stop"  # a NaN / inf loss or gradient: stop the run, or skip the step
 
     def __post_init__(self):
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
         if isinstance(self.shift, str) and self.shift != "dynamic":
             raise ValueError(f"train.shift must be a number, 'dynamic' or null, got {self.shift!r}")
+        if self.shift is not None and not isinstance(self.shift, str):
+            _num("train.shift", self.shift, 0, lo_open=True)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.text_drop <= 1.0:
-            raise ValueError(f"train.text_drop must be in [0, 1], got {self.text_drop}")
+            _int(f"train.{name}", getattr(self, name), 1)
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be one of ['fp32', 'bf16'], got {self.precision!r}")
+        _num("train.text_drop", self.text_drop, 0, 1)
+        if not isinstance(self.ratio_range, (list, tuple)) or len(self.ratio_range) != 2:
+            raise ValueError(f"train.ratio_range must be a pair [lo, hi] of numbers in [0, 1], got {self.ratio_range!r}")
+        lo, hi = (_num(f"train.ratio_range[{i}]", r, 0, 1) for i, r in enumerate(self.ratio_range))
+        if lo > hi:
+            raise ValueError(f"train.ratio_range must be [lo, hi] with lo <= hi, got {list(self.ratio_range)}")
+        _int("train.seed", self.seed, -MAX_SEED - 1, MAX_SEED)  # (seed, step, micro) must fit a 64-bit generator seed
+        if self.attn_backend is not None:
+            from ospfn.backends import BACKENDS
+
+            if self.attn_backend not in BACKENDS:
+                raise ValueError(f"train.attn_backend must be null (automatic) or one of {list(BACKENDS)}, got {self.attn_backend!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"train.compile must be true or false, got {type(self.compile).__name__} {self.compile!r}")
 
@@ -104,6 +227,10 @@ class ParallelSection:
     skiparse_sp: int = 1
     ulysses_sp: int = 1
 
+    def __post_init__(self):
+        _int("parallel.skiparse_sp", self.skiparse_sp, 1)
+        _int("parallel.ulysses_sp", self.ulysses_sp, 1)
+
 
 @dataclass(frozen=True)
 class SampleSection:
@@ -114,6 +241,13 @@ class SampleSection:
     shift: float = 3.0
     fourier_ratio: float = 0.1
     fps: int = 8
+
+    def __post_init__(self):
+        _int("sample.steps", self.steps, 1, 10_000)
+        _num("sample.guidance", self.guidance, 0)
+        _num("sample.shift", self.shift, 0, lo_open=True)
+        _num("sample.fourier_ratio", self.fourier_ratio, 0, 1, hi_open=True)
+        _int("sample.fps", self.fps, 1, 1000)
 
 
 @dataclass(frozen=True)
@@ -128,6 +262,37 @@ class SFTConfig:
     sample: SampleSection = field(default_factory=SampleSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
+    def __post_init__(self):
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
+        dit_cfg, _, _ = derive_configs(self)  # model.* / text.* (ValueError naming the section)
+        dc, S, U = self.data, self.parallel.skiparse_sp, self.parallel.ulysses_sp
+        _, ph, pw = dit_cfg.patch_size
+        mh, mw = self.vae.spatial * ph, self.vae.spatial * pw
+        key = "data.size" if dc.kind == "synthetic" else "data.buckets"
+        for h, w in dc.sizes():
+            if h % mh or w % mw:
+                raise ValueError(
+                    f"{key} {[h, w]} must be a multiple of vae.spatial x patch = {mh} x {mw} (the latent grid is patched into tokens)"
+                )
+        per_sample = 3 * dc.frames * max(h * w for h, w in dc.sizes()) * 4
+        if self.train.batch_size * per_sample > MAX_BATCH_BYTES:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} x one {_gib(per_sample)} video makes a {_gib(self.train.batch_size * per_sample)} "
+                f"micro-batch; at most {_gib(MAX_BATCH_BYTES)} (use train.grad_accum for larger batches)"
+            )
+        if S * U > 1:
+            from ospfn.parallel.mesh import ParallelConfig, ParallelState, check_model_parallel
+
+            state = ParallelState(ParallelConfig(S, U), S * U, 0, 1, 0, None, 0, None, 0, None, 0, None)
+            pt = dit_cfg.patch_size[0]
+            for h, w in dc.sizes():
+                grid = (max(1, dc.frames // pt), h // mh, w // mw)
+                try:
+                    check_model_parallel(dit_cfg, state, grid)
+                except ValueError as e:
+                    raise ValueError(f"parallel.skiparse_sp / parallel.ulysses_sp cannot apply to this model and data: {e}") from None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -135,7 +300,7 @@ class SFTConfig:
 # Config keys a resumed run may change: they do not alter the trajectory of the steps already taken
 # (the learning rate is constant after warm-up, so extending ``train.steps`` continues the same run;
 # ``train.compile`` changes how the blocks run, not what they compute, and older checkpoints lack it).
-RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep", "train.compile", "sample.")
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep", "train.compile", "train.nonfinite", "sample.")
 
 
 def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -208,12 +373,21 @@ def derive_configs(cfg: SFTConfig):
 
     vae = PixelVAE(cfg.vae.spatial)
     over = dict(cfg.model.overrides)
-    for key in ("in_dim", "out_dim", "i2v", "text_len"):
+    for key in DERIVED_OVERRIDES:
         if key in over:
             raise ValueError(f"model.overrides.{key} is derived (VAE channels / train.task / text.text_len); remove it")
-    dit_cfg = DiTConfig.preset(cfg.model.preset, **over, in_dim=vae.latent_channels, out_dim=vae.latent_channels,
-                               i2v="flashi2v" if cfg.train.task == "flashi2v" else "none", text_len=cfg.text.text_len)  # fmt: skip
-    text_cfg = TinyTextConfig(text_dim=dit_cfg.text_dim, text_len=cfg.text.text_len, vocab=cfg.text.vocab, heads=cfg.text.heads)
+    try:
+        dit_cfg = DiTConfig.preset(cfg.model.preset, **over, in_dim=vae.latent_channels, out_dim=vae.latent_channels,
+                                   i2v="flashi2v" if cfg.train.task == "flashi2v" else "none", text_len=cfg.text.text_len)  # fmt: skip
+    except (ValueError, TypeError) as e:
+        unknown = sorted(set(over) - {f.name for f in dataclasses.fields(DiTConfig)})
+        if unknown:
+            raise ValueError(f"model.overrides.{unknown[0]} is not a DiTConfig field ({e})") from e
+        raise ValueError(f"model.overrides (on preset {cfg.model.preset!r}): {e}") from e
+    try:
+        text_cfg = TinyTextConfig(text_dim=dit_cfg.text_dim, text_len=cfg.text.text_len, vocab=cfg.text.vocab, heads=cfg.text.heads)
+    except ValueError as e:
+        raise ValueError(f"text.heads / model text_dim: {e}") from e
     return dit_cfg, text_cfg, {"kind": cfg.vae.kind, "spatial": cfg.vae.spatial}
 
 
