@@ -14,9 +14,11 @@ Numerics
 
 Key mask
     ``key_mask`` [B, Sk] bool, True = real key.  Masked keys get score -inf: they never receive attention
-    weight, their dK and dV are exactly zero, and their K/V values do not influence anything.  A batch entry
-    with no real key at all gives an all-zero output and zero gradients, never NaN: the running max is taken
-    as 0 while it is still -inf, an empty row stores LSE = +inf, so the backward recomputes P = 0 there.
+    weight, their dK and dV are exactly zero, and their K/V values do not influence anything -- masked K and V
+    rows are replaced by zeros as they are loaded (one ``tl.where`` per tile), so NaN or Inf there cannot leak
+    through ``0 * NaN`` into the output or the gradients.  A batch entry with no real key at all gives an
+    all-zero output and zero gradients, never NaN: the running max is taken as 0 while it is still -inf, an
+    empty row stores LSE = +inf, so the backward recomputes P = 0 there.
 
 Backward (FlashAttention-2 style, deterministic, no atomics)
     1. ``delta = rowsum(dO * O)`` in fp32;
@@ -126,6 +128,8 @@ def _fwd_step(acc, m_i, l_i, q, K, V, KM, start_n, Sk, stride_kn, stride_vn, str
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(V + start64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d,
                    HEAD_DIM, BLOCK_D, BOUNDS)
+    if HAS_MASK:  # a masked V row may hold NaN / Inf, and P = 0 times NaN is NaN: zero it on the way in
+        v = tl.where(ok[:, None], v, tl.zeros_like(v))
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     return acc, m_new, l_i
 
@@ -246,6 +250,9 @@ def _attn_bwd_dkdv_kernel(
     DELTAb = DELTA + bh * Sq
     if HAS_MASK:
         ok = _key_valid(KM + b * stride_mb, cols, Sk, stride_mn, True, True)
+        # masked K / V rows may hold NaN / Inf: zeroed, so that dS = P * (dP - delta) is 0 there, not NaN
+        k = tl.where(ok[:, None], k, tl.zeros_like(k))
+        v = tl.where(ok[:, None], v, tl.zeros_like(v))
         # a key block with no real key (padding) has dK = dV = 0: skip the loop over queries
         hi = tl.where(tl.max(ok.to(tl.int32), 0) > 0, Sq, 0)
     else:
@@ -290,11 +297,15 @@ def _dq_step(dq, q, do, lse, delta, K, V, KM, start_n, Sk, stride_kn, stride_vn,
                    HEAD_DIM, BLOCK_D, BOUNDS)
     v = _load_rows(V + start64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d,
                    HEAD_DIM, BLOCK_D, BOUNDS)
+    if HAS_MASK or BOUNDS:
+        ok = _key_valid(KM, cols, Sk, stride_mn, HAS_MASK, BOUNDS)
+    if HAS_MASK:  # masked K / V rows may hold NaN / Inf: zero them, or 0 * NaN reaches dS and dQ
+        k = tl.where(ok[:, None], k, tl.zeros_like(k))
+        v = tl.where(ok[:, None], v, tl.zeros_like(v))
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     p = tl.math.exp2(s * qk_scale - lse[:, None])
     if HAS_MASK or BOUNDS:
         # missing keys have k = v = 0 but exp2(-lse) may overflow to inf, and inf * 0 = NaN: zero P explicitly
-        ok = _key_valid(KM, cols, Sk, stride_mn, HAS_MASK, BOUNDS)
         p = tl.where(ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])

@@ -286,7 +286,7 @@ def _plan(op: str, backend: Optional[str], device_type: str) -> tuple[tuple[str,
     if impls is None:
         raise KeyError(f"unknown op {op!r}")
     if backend is not None:
-        name = _check_name(backend, "backend")
+        name = _check_name(backend, f"{op}: backend")
         st = info(name)
         if not st.available:
             raise RuntimeError(f"{op}: backend {name!r} is unavailable: {st.reason}")
@@ -326,6 +326,8 @@ def _plan(op: str, backend: Optional[str], device_type: str) -> tuple[tuple[str,
 def resolve(op: str, backend: str | None, device: torch.device | str, args: tuple = ()) -> str:
     """The name of the backend that runs ``op`` on ``device`` for the requested ``backend``; with ``args``
     (the implementation's arguments) the implementations' constraints are checked too."""
+    if backend is not None and not isinstance(backend, str):  # before the lookup: a list is not even hashable
+        _check_name(backend, f"{op}: backend")
     dtype_ = device.type if isinstance(device, torch.device) else torch.device(device).type
     key = (op, backend, dtype_)
     plan = _plans.get(key)

@@ -6,6 +6,9 @@ import math
 
 _UNSET = object()
 
+MAX_FRAMES = 100_000  # frames per clip a data function accepts (a typo like 1e9 would build huge index lists)
+MAX_ITEM_BYTES = 8 * 2**30  # the float32 video [3, F, H, W] of one item; more is a typo, not a training clip
+
 
 def is_int(v: object) -> bool:
     """An int, not a bool."""
@@ -35,7 +38,29 @@ def check_sampling_args(
     """
     if not is_int(num_frames) or num_frames < 1:
         raise ValueError(f"{fn}: {frames_arg}={num_frames!r} must be a positive int")
+    if num_frames > MAX_FRAMES:
+        raise ValueError(f"{fn}: {frames_arg}={num_frames!r} is more than the {MAX_FRAMES} frames a clip may have")
     if fps is not _UNSET and (not is_num(fps) or fps <= 0):
         raise ValueError(f"{fn}: fps={fps!r} must be a positive number")
     if not is_num(train_fps) or train_fps <= 0:
         raise ValueError(f"{fn}: train_fps={train_fps!r} must be a positive number")
+
+
+def check_item_size(fn: str, frames: int, height: int, width: int, what: str) -> None:
+    """``ValueError`` (naming ``what``, e.g. ``"frames=9, size=(32, 32)"``) when one item's float32 video
+    [3, frames, height, width] would exceed ``MAX_ITEM_BYTES`` -- refused before anything is allocated.
+
+    Example::
+
+        >>> check_item_size("f", 49, 480, 832, "num_frames=49, bucket (480, 832)")
+        >>> check_item_size("f", 49, 100_000, 100_000, "num_frames=49, bucket (100000, 100000)")
+        Traceback (most recent call last):
+        ...
+        ValueError: f: num_frames=49, bucket (100000, 100000) gives items of 5880.0 GB (a float32 video [3, 49, 100000, 100000]); at most 8.6 GB is allowed
+    """
+    nbytes = 12 * frames * height * width
+    if nbytes > MAX_ITEM_BYTES:
+        raise ValueError(
+            f"{fn}: {what} gives items of {nbytes / 1e9:.1f} GB (a float32 video [3, {frames}, {height}, {width}]); "
+            f"at most {MAX_ITEM_BYTES / 1e9:.1f} GB is allowed"
+        )

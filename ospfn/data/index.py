@@ -67,6 +67,28 @@ class ClipEntry:
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     source: str = ""
 
+    def __post_init__(self) -> None:
+        # the types the rest of ospfn.data relies on (e.g. captions given as one str would become one caption per
+        # character); whether the numbers fit the file (a cut past its end, ...) is filter_clips' business
+        fn = "ClipEntry"
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"{fn}: path must be a non-empty str, got {self.path!r}")
+        caps = self.captions
+        if not isinstance(caps, (tuple, list)) or not caps or not all(isinstance(c, str) for c in caps):
+            raise ValueError(f"{fn}: captions must be a non-empty tuple of str, got {caps!r:.80}")
+        object.__setattr__(self, "captions", tuple(caps))
+        for name in ("height", "width", "num_frames"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v <= 0):
+                raise ValueError(f"{fn}: {name} must be None or a positive int, got {v!r}")
+        if self.fps is not None and (not is_num(self.fps) or self.fps <= 0):
+            raise ValueError(f"{fn}: fps must be None or a positive finite number, got {self.fps!r}")
+        cut = self.cut
+        if cut is not None:
+            if not isinstance(cut, (tuple, list)) or len(cut) != 2 or not all(is_int(c) for c in cut) or not 0 <= cut[0] < cut[1]:
+                raise ValueError(f"{fn}: cut must be None or (start, end) ints with 0 <= start < end, got {cut!r}")
+            object.__setattr__(self, "cut", (cut[0], cut[1]))
+
     @property
     def caption(self) -> str:
         """The first caption."""
@@ -165,6 +187,8 @@ def load_index(index_file: str | os.PathLike) -> list[ClipEntry]:
         >>> e.path == os.path.join(d, "videos", "a.mp4"), e.captions, e.fps
         (True, ('a dog', 'a brown dog'), 24.0)
     """
+    if not isinstance(index_file, (str, os.PathLike)):
+        raise TypeError(f"load_index: index_file must be a path (str or os.PathLike), got {type(index_file).__name__}")
     index_file = os.fspath(index_file)
     if not os.path.isfile(index_file):
         raise FileNotFoundError(f"load_index: index file '{index_file}' does not exist")

@@ -38,6 +38,9 @@ def resample_offsets(num_frames: int, fps: float, train_fps: float = 16) -> list
     """
     check_sampling_args("resample_offsets", num_frames, train_fps, fps=fps)
     ratio = float(fps) / float(train_fps)
+    if not (num_frames - 1) * ratio < 2**53:  # also catches an overflow to inf
+        raise ValueError(f"resample_offsets: fps={fps!r} / train_fps={train_fps!r} = {ratio:g} is too large a ratio for "
+                         f"{num_frames} frames (source offsets beyond 2^53)")  # fmt: skip
     # the tiny epsilon keeps exact halves (k * 1.5 = 4.5) from rounding down through float error
     return [int(math.floor(k * ratio + 0.5 + 1e-9)) for k in range(num_frames)]
 

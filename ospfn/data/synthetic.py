@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ospfn.data._checks import check_item_size
+
 __all__ = [
     "SyntheticMotion",
     "render_video",
@@ -69,6 +71,7 @@ __all__ = [
     "OBJECT_COLORS",
     "BACKGROUND_COLORS",
     "SIZES",
+    "MAX_NUM_SAMPLES",
 ]
 
 DIRECTIONS = ("left", "right", "up", "down")
@@ -91,6 +94,7 @@ BACKGROUND_COLORS = {
     "purple": (0.30, 0.10, 0.35),
 }
 
+MAX_NUM_SAMPLES = 10**8  # more is a typo: a sampler permuting that many indices needs 800 MB per permutation
 _SPLITS = {"train": 0, "eval": 1}
 _RADIUS = {"small": 0.11, "large": 0.17}  # times min(H, W)
 _EXTENT = {"circle": 1.0, "square": 0.886, "triangle": 1.35, "diamond": 1.2}  # max |offset| from centroid / r
@@ -169,13 +173,14 @@ class SyntheticMotion(Dataset):
     """``num_samples`` deterministic clips of one coloured object moving in a straight line (see module docs).
 
     Args:
-        num_samples: number of items (``len``).
+        num_samples: number of items (``len``), in [1, ``MAX_NUM_SAMPLES``].
         frames: frames per clip ``F`` (>= 2; the tiny model uses ``4 k + 1``).
         size: ``(H, W)`` in pixels (each >= 16).
         split: ``"train"`` or ``"eval"`` (held out: no eval first frame equals a train first frame).
         seed: non-negative int; item ``i`` depends only on ``(seed, split, i)``.
 
-    ``ValueError`` (naming the argument) for a bad argument, including ``frames`` too many for ``size``: the
+    ``ValueError`` (naming the argument) for a bad argument, including an item larger than 8 GiB of float32
+    (``ospfn.data._checks.MAX_ITEM_BYTES``) and ``frames`` too many for ``size``: the
     largest object must still be able to move at >= ``0.25 * min(H, W) / 32`` px/frame and stay inside (at
     32 x 32 up to 56 frames; from about 17 frames on, the larger objects move slower than 1 px/frame).
 
@@ -204,8 +209,8 @@ class SyntheticMotion(Dataset):
         split: str = "train",
         seed: int = 0,
     ):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-            raise ValueError(f"SyntheticMotion: num_samples={num_samples!r} must be a non-negative int")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+            raise ValueError(f"SyntheticMotion: num_samples={num_samples!r} must be an int in [1, {MAX_NUM_SAMPLES}]")
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
             raise ValueError(f"SyntheticMotion: frames={frames!r} must be an int >= 2")
         if (
@@ -214,6 +219,7 @@ class SyntheticMotion(Dataset):
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 16 for s in size)
         ):
             raise ValueError(f"SyntheticMotion: size={size!r} must be a pair of ints (H, W), each >= 16")
+        check_item_size("SyntheticMotion", frames, size[0], size[1], f"frames={frames}, size={tuple(size)!r}")
         if split not in _SPLITS:
             raise ValueError(f"SyntheticMotion: split={split!r} is not allowed; allowed: {tuple(_SPLITS)}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ospfn.data._checks import check_sampling_args, is_int
+from ospfn.data._checks import check_item_size, check_sampling_args, is_int
 from ospfn.data._decode import decord, hint
 from ospfn.data.buckets import _check_buckets, _resize_crop, choose_bucket
 from ospfn.data.index import ClipEntry, _check_entry
@@ -53,7 +53,8 @@ class VideoDataset(Dataset):
     ``bucket`` (bh, bw); ``frame_indices`` int64 [num_frames] (source frames used); ``index`` int.
     Items in different buckets have different shapes: batch them per bucket (or use batch size 1).
 
-    Errors: ``FileNotFoundError`` for a missing video file, ``ValueError`` when the clip is too short for
+    Errors: ``ValueError`` at construction for a bad argument (naming it), including a bucket whose items would
+    exceed 8 GiB of float32; ``FileNotFoundError`` for a missing video file, ``ValueError`` when the clip is too short for
     ``num_frames`` at ``train_fps`` or its cut exceeds the file (use :func:`~ospfn.data.index.filter_clips` first),
     ``RuntimeError`` when decord cannot decode the file.
 
@@ -88,6 +89,8 @@ class VideoDataset(Dataset):
         self.num_frames = num_frames
         self.train_fps = float(train_fps)
         self.buckets = _check_buckets(list(buckets) if isinstance(buckets, tuple) else buckets, fn)
+        for bh, bw in self.buckets:
+            check_item_size(fn, num_frames, bh, bw, f"num_frames={num_frames} with bucket {(bh, bw)}")
         self.seed = seed
         self.epoch = 0
 

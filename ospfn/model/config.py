@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -65,8 +66,8 @@ class DiTConfig:
         if ps is None or len(ps) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in ps):
             bad("patch_size", "a (t, h, w) triple of positive ints")
         object.__setattr__(self, "patch_size", ps)
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            bad("eps", "a number > 0")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
+            bad("eps", "a finite number > 0")  # NaN and inf fail the comparison
         if self.skiparse_model_type not in _SKIPARSE_TYPES:
             bad("skiparse_model_type", f"one of {_SKIPARSE_TYPES}")
         if isinstance(self.sparse_ratio, bool) or not isinstance(self.sparse_ratio, int) or self.sparse_ratio < 1:
@@ -89,8 +90,10 @@ class DiTConfig:
             bad("quant", f"one of {_QUANT}")
         if self.quant_attn not in _QUANT:
             bad("quant_attn", f"one of {_QUANT}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
-            bad("rope_theta", "a number > 1")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not 1 < self.rope_theta < math.inf:
+            bad("rope_theta", "a finite number > 1")
+        if not isinstance(self.extra, dict):
+            bad("extra", "a dict")
 
     @property
     def head_dim(self) -> int:
@@ -112,6 +115,8 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
         """Build from a dict of our field names or a Wan / diffusers config.json (unknown keys are rejected)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"DiTConfig.from_dict: d must be a dict of config fields, got {type(d).__name__}")
         d = dict(d)
         for k in ("_class_name", "_diffusers_version", "__name__", "model_type", "_name_or_path", "architectures"):
             d.pop(k, None)
@@ -140,16 +145,33 @@ class DiTConfig:
                 continue
             if k not in names:
                 raise ValueError(f"DiTConfig.from_dict: unknown key {k!r}; known keys: {sorted(names - {'extra'})}")
-            out[k] = tuple(v) if k == "patch_size" else v
+            out[k] = tuple(v) if k == "patch_size" and isinstance(v, (list, tuple)) else v
         if out.get("skiparse_model_type") is None:
             out.pop("skiparse_model_type", None)
         return cls(**out)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "DiTConfig":
-        """A named configuration (see ``PRESETS``) with optional field overrides."""
+        """A named configuration (see ``PRESETS``) with optional field overrides.
+
+        An unknown preset name (the known ones are listed) or override key (the fields are listed) raises
+        ``ValueError``; the values are validated like any ``DiTConfig``.
+
+        >>> DiTConfig.preset("tiny", depth=3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+          ...
+        ValueError: DiTConfig.preset: unknown override key 'depth'; allowed keys: ['conv3x3x3_proj', 'dim', ...]
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"DiTConfig.preset: name must be a str, one of {sorted(PRESETS)}; got {type(name).__name__}")
         if name not in PRESETS:
             raise ValueError(f"DiTConfig.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            keys = ", ".join(repr(k) for k in unknown)
+            raise ValueError(f"DiTConfig.preset: unknown override key{'s' if len(unknown) > 1 else ''} {keys}; "
+                             f"allowed keys: {sorted(names - {'extra'})}")  # fmt: skip
         return cls(**{**PRESETS[name], **overrides})
 
 

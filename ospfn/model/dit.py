@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ospfn.model.config import DiTConfig
+from ospfn.model.params import expected_shapes
 from ospfn.ops import (
     apply_rope,
     attention,
@@ -328,28 +330,85 @@ class RunOptions:
         return dataclasses.replace(self, **changes)
 
 
+def _shape_of(v) -> str:
+    return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _check_params(params, cfg: DiTConfig, device: torch.device, skip_blocks: bool, fn: str) -> None:
+    """Every parameter ``cfg`` needs is in ``params`` with its shape and on ``device`` (keys of other models are
+    ignored).  Shapes are compared with the cached table of ``expected_shapes``; no tensor data is read."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{fn}: params must be a dict of tensors (from init_params or load_checkpoint), got {type(params).__name__}")
+    expected = expected_shapes(cfg)
+    bad = [k for k, shape in expected.items()
+           if not (skip_blocks and k.startswith("blocks."))
+           and not (isinstance(v := params.get(k), torch.Tensor) and v.shape == shape and v.device == device)]  # fmt: skip
+    if not bad:
+        return
+    missing = [k for k in bad if k not in params]
+    misshaped = [f"{k}: got {_shape_of(params[k])}, expected {expected[k]}" for k in bad
+                 if k in params and not (isinstance(params[k], torch.Tensor) and params[k].shape == expected[k])]  # fmt: skip
+    if missing or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {missing[:30]}{' ...' if len(missing) > 30 else ''}")
+        if misshaped:
+            parts.append(f"mis-shaped {len(misshaped)}: {misshaped[:30]}{' ...' if len(misshaped) > 30 else ''}")
+        raise ValueError(f"{fn}: params do not match cfg (DiTConfig(dim={cfg.dim}, num_layers={cfg.num_layers}, "
+                         f"i2v={cfg.i2v!r})): " + "; ".join(parts) + " (build params with init_params(cfg) or "
+                         "load_checkpoint(path, cfg))")  # fmt: skip
+    elsewhere = [f"{k} on {params[k].device}" for k in bad]
+    raise ValueError(f"{fn}: params and inputs must be on one device: x is on {device} but {len(elsewhere)} parameter(s) "
+                     f"are not: {elsewhere[:10]}{' ...' if len(elsewhere) > 10 else ''} (move them with "
+                     f"{{k: v.to({str(device)!r}) for k, v in params.items()}})")  # fmt: skip
+
+
+def _check_tensor(v, fn: str, arg: str, layout: str, device: torch.device) -> None:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{fn}: {arg} must be a torch.Tensor {layout}, got {type(v).__name__}")
+    if v.device != device:
+        raise ValueError(f"{fn}: {arg} must be on x's device {device}, got {v.device}")
+
+
 def _check_inputs(params, cfg, x, t, context, image, run):
+    """Validate one ``forward`` call before any work: cheap (shapes, dtypes, devices; no tensor data is read, so no
+    device synchronisation) and traceable by torch.compile without a graph break."""
     fn = "forward"
     if not isinstance(cfg, DiTConfig):
         raise TypeError(f"{fn}: cfg must be a DiTConfig, got {type(cfg).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        raise ValueError(f"{fn}: x must be latents [B, in_dim, T, H, W], got {getattr(x, 'shape', type(x).__name__)}")
-    B, C, T, H, W = x.shape
-    if C != cfg.in_dim:
-        raise ValueError(f"{fn}: x has {C} channels but cfg.in_dim = {cfg.in_dim}")
-    pt, ph, pw = cfg.patch_size
-    if T % pt or H % ph or W % pw:
-        raise ValueError(f"{fn}: latent size (T, H, W) = {(T, H, W)} must be divisible by patch_size {cfg.patch_size}")
-    if not isinstance(t, torch.Tensor) or t.shape != (B,):
-        raise ValueError(f"{fn}: t must be a tensor of shape [{B}] (1000 * sigma), got {getattr(t, 'shape', t)!r}")
-    if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
-        raise ValueError(f"{fn}: context must be [{B}, L, text_dim={cfg.text_dim}], got {getattr(context, 'shape', context)!r}")
-    if "patch_embedding.weight" not in params:
-        raise KeyError(f"{fn}: params lacks 'patch_embedding.weight' (use init_params or load_checkpoint)")
     if run is not None and not isinstance(run, RunOptions):
         raise TypeError(f"{fn}: run must be an ospfn.model.RunOptions or None, got {type(run).__name__}")
     if image is not None and not isinstance(image, ImageCond):
         raise TypeError(f"{fn}: image must be an ospfn.model.ImageCond or None, got {type(image).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor of latents [B, in_dim, T, H, W], got {type(x).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"{fn}: x must be latents [B, in_dim, T, H, W], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
+    B, C, T, H, W = x.shape
+    dev = x.device
+    if C != cfg.in_dim:
+        raise ValueError(f"{fn}: x has {C} channels but cfg.in_dim = {cfg.in_dim}")
+    if B < 1 or T < 1 or H < 1 or W < 1:
+        raise ValueError(f"{fn}: x must have B, T, H, W >= 1 (an empty batch or grid has nothing to denoise), got shape {tuple(x.shape)}")
+    pt, ph, pw = cfg.patch_size
+    if T % pt or H % ph or W % pw:
+        raise ValueError(f"{fn}: latent size (T, H, W) = {(T, H, W)} must be divisible by patch_size {cfg.patch_size}")
+    _check_tensor(t, fn, "t", f"of shape [{B}] (1000 * sigma)", dev)
+    if t.shape != (B,):
+        raise ValueError(f"{fn}: t must be a tensor of shape [{B}] (1000 * sigma), got {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{fn}: t must be a real (float or int) tensor of timesteps, got {t.dtype}")
+    _check_tensor(context, fn, "context", f"[{B}, L, text_dim={cfg.text_dim}]", dev)
+    if context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
+        raise ValueError(f"{fn}: context must be [{B}, L, text_dim={cfg.text_dim}], got {tuple(context.shape)}")
+    if context.shape[1] < 1:
+        raise ValueError(f"{fn}: context must hold at least one token (L >= 1), got shape {tuple(context.shape)}; for "
+                         "no text pass the encoding of the empty prompt")  # fmt: skip
+    if not context.dtype.is_floating_point:
+        raise TypeError(f"{fn}: context must be a floating-point tensor, got {context.dtype}")
+    _check_params(params, cfg, dev, run is not None and run.block_fn is not None, fn)
     if cfg.i2v != "flashi2v":
         if image is not None:
             raise ValueError(f"{fn}: image= is the FlashI2V condition, but cfg.i2v = {cfg.i2v!r} takes none")
@@ -359,9 +418,23 @@ def _check_inputs(params, cfg, x, t, context, image, run):
                          "or ImageCond(fourier_feats=fourier_features(s, r))")  # fmt: skip
     if image.fourier_feats is None and (image.latent is None or image.fourier_ratio is None):
         raise ValueError(f"{fn}: ImageCond needs fourier_feats, or latent and fourier_ratio (got latent="
-                         f"{None if image.latent is None else tuple(image.latent.shape)}, fourier_ratio={image.fourier_ratio!r})")  # fmt: skip
+                         f"{None if not isinstance(image.latent, torch.Tensor) else tuple(image.latent.shape)}, "
+                         f"fourier_ratio={image.fourier_ratio!r})")  # fmt: skip
+    if not isinstance(image.apply_shift, bool):
+        raise TypeError(f"{fn}: ImageCond.apply_shift must be a bool, got {type(image.apply_shift).__name__}")
     if image.apply_shift and image.latent is None:
         raise ValueError(f"{fn}: ImageCond(apply_shift=True) needs latent (the first-frame latent s phi is applied to)")
+    want = f"[{B}, {cfg.in_dim}, 1, {H}, {W}]"
+    for arg, v in (("image.latent", image.latent), ("image.fourier_feats", image.fourier_feats)):
+        if v is None:
+            continue
+        _check_tensor(v, fn, arg, want, dev)
+        if not v.dtype.is_floating_point:
+            raise TypeError(f"{fn}: {arg} must be a floating-point tensor {want}, got {v.dtype}")
+        if v.dim() not in (4, 5) or (v.dim() == 5 and v.shape[2] != 1) or v.shape[0] != B or v.shape[1] != cfg.in_dim \
+                or tuple(v.shape[-2:]) != (H, W):  # fmt: skip
+            raise ValueError(f"{fn}: {arg} must be one frame {want} (or [{B}, {cfg.in_dim}, {H}, {W}]) matching the latents "
+                             f"{tuple(x.shape)}, got {tuple(v.shape)}")  # fmt: skip
 
 
 def forward(
@@ -381,6 +454,15 @@ def forward(
     (zero-padded text features, no mask).  ``image``: the FlashI2V first-frame condition (``ImageCond``),
     required by ``cfg.i2v == "flashi2v"`` and refused otherwise.  ``run``: how the call runs
     (``RunOptions``: attention backend, gradient checkpointing, sequence parallelism, block hooks).
+
+    Every call is validated before any work, cheaply (shapes, dtypes and devices; no tensor data is read, so
+    no device synchronisation, and torch.compile traces the checks without a graph break): ``params`` must
+    hold every parameter of ``cfg`` with its shape (all missing and mis-shaped keys are listed; keys of
+    other models are ignored; with ``run.block_fn`` the blocks' entries are the block function's business),
+    on x's device, like ``t``, ``context`` and the ``image`` tensors.  B, T, H, W must be >= 1 (an empty
+    batch or grid is an error, not an empty result) and the context must hold at least one token (L >= 1:
+    "no text" is the encoding of the empty prompt, which has one).  Non-tensor inputs raise ``TypeError``
+    naming the argument, wrong shapes / devices ``ValueError``.  Any strides are accepted.
 
     Example::
 

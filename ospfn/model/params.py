@@ -8,7 +8,7 @@ import torch
 
 from ospfn.model.config import DiTConfig
 
-__all__ = ["param_shapes", "init_params", "keeps_fp32", "block_linear_names"]
+__all__ = ["param_shapes", "expected_shapes", "init_params", "keeps_fp32", "block_linear_names"]
 
 # Linears inside the blocks: the ones HiF8 training quantises (docs/hif8.md#training-with-hif8).
 _BLOCK_LINEARS = (
@@ -24,23 +24,46 @@ def block_linear_names(cfg: DiTConfig) -> list[str]:
 
 
 def param_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of ``cfg``'s model with its shape, in Wan2.1 original naming."""
-    C, F, pt, ph, pw = cfg.dim, cfg.ffn_dim, *cfg.patch_size
+    """Every parameter of ``cfg``'s model with its shape, in Wan2.1 original naming (a fresh dict)."""
+    if not isinstance(cfg, DiTConfig):
+        raise TypeError(f"param_shapes: cfg must be a DiTConfig, got {type(cfg).__name__}")
+    return dict(expected_shapes(cfg))
+
+
+# architecture fields -> the shapes table, shared (read-only) by every forward call of that architecture; a plain
+# dict keyed by plain values (not by the config object), so torch.compile traces a lookup without a graph break
+_SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
+
+
+def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """``param_shapes(cfg)`` computed once per architecture and cached; the dict is shared: do not modify it."""
+    key = (cfg.dim, cfg.ffn_dim, cfg.num_layers, cfg.in_dim, cfg.out_dim, cfg.text_dim, cfg.freq_dim, cfg.patch_size,
+           cfg.i2v, cfg.conv3x3x3_proj)  # fmt: skip
+    s = _SHAPES.get(key)
+    if s is None:
+        s = _shapes_of(*key)
+        if not torch.compiler.is_compiling():  # no Python state written while dynamo traces
+            _SHAPES[key] = s
+    return s
+
+
+def _shapes_of(C, F, num_layers, in_dim, out_dim, text_dim, freq_dim, patch_size, i2v, conv3x3x3_proj):
+    pt, ph, pw = patch_size
     s: dict[str, tuple[int, ...]] = {
-        "patch_embedding.weight": (C, cfg.in_dim, pt, ph, pw),
+        "patch_embedding.weight": (C, in_dim, pt, ph, pw),
         "patch_embedding.bias": (C,),
-        "text_embedding.0.weight": (C, cfg.text_dim),
+        "text_embedding.0.weight": (C, text_dim),
         "text_embedding.0.bias": (C,),
         "text_embedding.2.weight": (C, C),
         "text_embedding.2.bias": (C,),
-        "time_embedding.0.weight": (C, cfg.freq_dim),
+        "time_embedding.0.weight": (C, freq_dim),
         "time_embedding.0.bias": (C,),
         "time_embedding.2.weight": (C, C),
         "time_embedding.2.bias": (C,),
         "time_projection.1.weight": (6 * C, C),
         "time_projection.1.bias": (6 * C,),
     }
-    for i in range(cfg.num_layers):
+    for i in range(num_layers):
         b = f"blocks.{i}."
         s[b + "modulation"] = (1, 6, C)
         for att in ("self_attn", "cross_attn"):
@@ -55,19 +78,19 @@ def param_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
         s[b + "ffn.0.bias"] = (F,)
         s[b + "ffn.2.weight"] = (C, F)
         s[b + "ffn.2.bias"] = (C,)
-    s["head.head.weight"] = (cfg.out_dim * cfg.patch_numel, C)
-    s["head.head.bias"] = (cfg.out_dim * cfg.patch_numel,)
+    s["head.head.weight"] = (out_dim * pt * ph * pw, C)
+    s["head.head.bias"] = (out_dim * pt * ph * pw,)
     s["head.modulation"] = (1, 2, C)
-    if cfg.i2v == "flashi2v":
-        k = (3, 3, 3) if cfg.conv3x3x3_proj else (1, 3, 3)
-        s["fourier_embedding.0.weight"] = (C, cfg.in_dim, pt, ph, pw)
+    if i2v == "flashi2v":
+        k = (3, 3, 3) if conv3x3x3_proj else (1, 3, 3)
+        s["fourier_embedding.0.weight"] = (C, in_dim, pt, ph, pw)
         s["fourier_embedding.0.bias"] = (C,)
         s["fourier_embedding.1.weight"] = (C, C, 1, 1, 1)
         s["fourier_embedding.1.bias"] = (C,)
-        s["learnable_proj.proj.0.weight"] = (4 * cfg.in_dim, cfg.in_dim, *k)
-        s["learnable_proj.proj.0.bias"] = (4 * cfg.in_dim,)
-        s["learnable_proj.proj.2.weight"] = (cfg.in_dim, 4 * cfg.in_dim, *k)
-        s["learnable_proj.proj.2.bias"] = (cfg.in_dim,)
+        s["learnable_proj.proj.0.weight"] = (4 * in_dim, in_dim, *k)
+        s["learnable_proj.proj.0.bias"] = (4 * in_dim,)
+        s["learnable_proj.proj.2.weight"] = (in_dim, 4 * in_dim, *k)
+        s["learnable_proj.proj.2.bias"] = (in_dim,)
     return s
 
 

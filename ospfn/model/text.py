@@ -28,7 +28,8 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TextEncoder", "TinyTextConfig", "TinyTextEncoder", "tokenize", "init_tiny_text_params", "tiny_text_forward"]
+__all__ = ["TextEncoder", "TinyTextConfig", "TinyTextEncoder", "tokenize", "init_tiny_text_params", "tiny_text_forward",
+           "tiny_text_shapes"]
 
 
 class TextEncoder(Protocol):
@@ -66,6 +67,17 @@ def tokenize(prompt: str, cfg: TinyTextConfig) -> list[int]:
     return ids[: cfg.text_len - 1] + [EOT]
 
 
+def tiny_text_shapes(cfg: TinyTextConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the tiny text encoder with its shape."""
+    D = cfg.text_dim
+    return {
+        "tok_emb": (cfg.vocab, D), "pos_emb": (cfg.text_len, D),
+        "ln1.weight": (D,), "ln1.bias": (D,), "qkv.weight": (3 * D, D), "qkv.bias": (3 * D,),
+        "proj.weight": (D, D), "proj.bias": (D,), "ln2.weight": (D,), "ln2.bias": (D,),
+        "mlp.0.weight": (2 * D, D), "mlp.0.bias": (2 * D,), "mlp.2.weight": (D, 2 * D), "mlp.2.bias": (D,),
+    }  # fmt: skip
+
+
 def init_tiny_text_params(cfg: TinyTextConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     D = cfg.text_dim
@@ -88,8 +100,8 @@ def init_tiny_text_params(cfg: TinyTextConfig, *, seed: int = 0) -> dict[str, to
 
 def tiny_text_forward(params: dict, cfg: TinyTextConfig, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [B, text_len, text_dim] zero beyond each length, lengths [B]) -- differentiable in params."""
-    if isinstance(prompts, str):
-        raise TypeError("tiny_text_forward: prompts must be a sequence of str, not a single str")
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"tiny_text_forward: prompts must be a list of str, got {type(prompts).__name__}")
     device = device if device is not None else params["tok_emb"].device
     toks = [tokenize(p, cfg) for p in prompts]
     B, L, D = len(toks), cfg.text_len, cfg.text_dim
@@ -113,6 +125,20 @@ class TinyTextEncoder:
     """``TextEncoder`` over ``tiny_text_forward`` with its parameters."""
 
     def __init__(self, params: dict[str, torch.Tensor], cfg: TinyTextConfig) -> None:
+        fn = "TinyTextEncoder"
+        if not isinstance(cfg, TinyTextConfig):
+            raise TypeError(f"{fn}: cfg must be a TinyTextConfig, got {type(cfg).__name__}")
+        if not isinstance(params, dict):
+            raise TypeError(f"{fn}: params must be a dict of tensors (init_tiny_text_params), got {type(params).__name__}")
+        want = tiny_text_shapes(cfg)
+        missing = sorted(set(want) - set(params))
+        unexpected = sorted(set(params) - set(want))
+        misshaped = [f"{k}: got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}, expected {want[k]}"
+                     for k, v in params.items() if k in want and not (isinstance(v, torch.Tensor) and tuple(v.shape) == want[k])]  # fmt: skip
+        if missing or unexpected or misshaped:
+            parts = [f"{what} {len(keys)}: {keys}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                                      ("mis-shaped", misshaped)) if keys]  # fmt: skip
+            raise ValueError(f"{fn}: params do not match {cfg}: " + "; ".join(parts))
         self.params, self.cfg = params, cfg
         self.text_dim, self.text_len = cfg.text_dim, cfg.text_len
 

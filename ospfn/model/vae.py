@@ -55,6 +55,9 @@ class PixelVAE:
         return z.reshape(B, C * s * s, F_, H // s, W // s).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            raise ValueError(f"PixelVAE.decode: latents must be [B, {self.latent_channels}, T, h, w], "
+                             f"got {getattr(latents, 'shape', type(latents).__name__)}")  # fmt: skip
         B, Cz, F_, h, w = latents.shape
         s = self.s
         if Cz != self.latent_channels:

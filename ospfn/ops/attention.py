@@ -1,9 +1,14 @@
 """Scaled dot-product attention with a key-padding mask, (B, S, H, D) layout.
 
 ``attention(q, k, v, key_mask=None, scale=None)`` computes softmax(q k^T * scale) v per head with the
-softmax in fp32.  ``key_mask`` [B, Sk] (True = real key) removes padded keys.  A batch entry whose keys are
-all masked returns zeros (and zero gradients) instead of NaN: Skiparse sub-sequences made only of padding
-would otherwise poison the weight gradients through 0 * NaN.
+softmax in fp32.  ``key_mask`` [B, Sk] (True = real key) removes padded keys: a masked key never influences
+the output or the gradients, whatever its K and V rows hold (NaN and Inf included; every backend treats them
+as zeros, and their dK and dV are zero).  A batch entry whose keys are all masked returns zeros (and zero
+gradients) instead of NaN: Skiparse sub-sequences made only of padding would otherwise poison the weight
+gradients through 0 * NaN.
+
+Any strides are accepted (non-contiguous, expanded with stride 0); empty sizes (B, Sq, Sk or H = 0) give an
+empty (or, for Sk = 0, all-zero) result.  The head dim must be >= 1.
 
 Backends: ``ref`` (explicit fp32 math, O(S^2) memory: the test oracle), ``torch``
 (``scaled_dot_product_attention``: FlashAttention / cuDNN / memory-efficient kernels on CUDA, the flash CPU
@@ -60,6 +65,8 @@ def attention(
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Sq, H, D = q.shape
+    if D < 1:
+        raise ValueError(f"{fn}: the head dim (last dim of q, k, v) must be >= 1, got {D} (q {tuple(q.shape)})")
     if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
         raise ValueError(f"{fn}: k must have shape [{B}, Sk, {H}, {D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape != k.shape:
@@ -74,13 +81,18 @@ def attention(
             raise ValueError(f"{fn}: key_mask must be on {q.device}, got {key_mask.device}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:  # NaN fails too
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a finite number > 0 or None, got {type(scale).__name__}")
+    elif not 0 < scale < math.inf:  # NaN fails too
         raise ValueError(f"{fn}: scale must be a finite number > 0 or None, got {scale!r}")
     return dispatch("attention", backend, q, k, v, key_mask, float(scale))
 
 
 def _ref_attention(q, k, v, key_mask, scale):
     qf, kf, vf = (t.to(torch.float32) if t.dtype != torch.float64 else t for t in (q, k, v))
+    if key_mask is not None:  # masked rows may hold anything (NaN, Inf): they must not reach the products
+        drop = ~key_mask[:, :, None, None]
+        kf, vf = kf.masked_fill(drop, 0), vf.masked_fill(drop, 0)
     s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
     if key_mask is not None:
         s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
@@ -93,10 +105,20 @@ def _ref_attention(q, k, v, key_mask, scale):
     return out.to(q.dtype)
 
 
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    # PyTorch's fused kernels take another path (other rounding) for a strided head dim: copy such an input once,
+    # so a sliced tensor gives exactly what its contiguous copy gives
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
 def _sdpa_attention(q, k, v, key_mask, scale):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     mask = None
     has_key = None
     if key_mask is not None:
+        # a masked score is -inf, but NaN / Inf in a masked K or V row would still give NaN (NaN + -inf, 0 * NaN)
+        drop = ~key_mask[:, :, None, None]
+        k, v = k.masked_fill(drop, 0), v.masked_fill(drop, 0)
         has_key = key_mask.any(dim=1)
         safe = key_mask | ~has_key[:, None]  # an all-masked entry attends everywhere, then is zeroed
         mask = safe[:, None, None, :]

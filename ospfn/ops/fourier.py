@@ -199,7 +199,8 @@ def radius_map(H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torc
 def _ref_spectrum_cutoff(s: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1-3: (shifted spectrum F [B, C, H, W], radius map r [H, W], cutoff [B] float32)."""
     B, C, H, W = s.shape
-    F = torch.fft.fftshift(torch.fft.fft2(s.to(compute_dtype(s.dtype)), dim=(-2, -1), norm="backward"), dim=(-2, -1))
+    # contiguous: pocketfft rounds differently on strided input, and a view must give what its copy gives
+    F = torch.fft.fftshift(torch.fft.fft2(s.to(compute_dtype(s.dtype)).contiguous(), dim=(-2, -1), norm="backward"), dim=(-2, -1))
     r, order, r_sorted = radius_map(H, W, s.device)
     mag = torch.sqrt(F.real * F.real + F.imag * F.imag + MAG_EPS)
     A = mag.mean(dim=1).reshape(B, H * W)

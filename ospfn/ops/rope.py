@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -52,13 +53,29 @@ def _axis_of_pair(head_dim: int) -> torch.Tensor:
     return torch.cat([torch.full((dt // 2,), 0), torch.full((dh // 2,), 1), torch.full((dw // 2,), 2)])
 
 
+def _check_theta(theta: object, fn: str) -> float:
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise TypeError(f"{fn}: theta must be a finite number > 1, got {type(theta).__name__}")
+    if not 1 < theta < math.inf:  # NaN fails too
+        raise ValueError(f"{fn}: theta must be a finite number > 1, got {theta!r}")
+    return float(theta)
+
+
+def _check_positions(positions: object, fn: str) -> torch.Tensor:
+    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        got = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise TypeError(f"{fn}: positions must be an integer tensor [..., S, 3] of (t, h, w), got {got}")
+    if positions.dim() < 2 or positions.shape[-1] != 3:
+        raise ValueError(f"{fn}: positions must have shape [..., S, 3], got {tuple(positions.shape)}")
+    return positions
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, *, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin as fp32 [..., S, head_dim / 2] for integer positions [..., S, 3] (negative -> angle 0)."""
-    if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
-        raise TypeError("rope_cos_sin: positions must be an integer tensor [..., S, 3] of (t, h, w)")
-    if positions.dim() < 2 or positions.shape[-1] != 3:
-        raise ValueError(f"rope_cos_sin: positions must have shape [..., S, 3], got {tuple(positions.shape)}")
-    inv = _inv_freq(head_dim, float(theta)).to(positions.device)
+    _check_positions(positions, "rope_cos_sin")
+    theta = _check_theta(theta, "rope_cos_sin")
+    rope_split(head_dim)
+    inv = _inv_freq(head_dim, theta).to(positions.device)
     axis = _axis_of_pair(head_dim).to(positions.device)
     pos = positions.to(torch.float64)[..., axis]  # [..., S, head_dim/2]: the coordinate each pair rotates by
     ang = torch.where(pos >= 0, pos * inv, torch.zeros_like(pos))
@@ -71,7 +88,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     A leading size G that divides B is taken slot-major, as in the Skiparse folded batch: row g*(B/G) + b
     uses cos[g].
     """
+    fn = "apply_rope"
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{fn}: x must be a float tensor [B, S, H, D], got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must have shape [batch, seq, heads, head_dim], got {tuple(x.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{fn}: {name} must be a float tensor [G, S, D/2] (from rope_cos_sin), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")  # fmt: skip
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{fn}: {name} must have shape [G, S, D/2] or [S, D/2], got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} must be on x's device {x.device}, got {t.device}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"{fn}: cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     B, S, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"{fn}: the head dim of x must be even (rotated in pairs), got {D}")
     c, s = cos, sin
     if c.dim() == 2:
         c, s = c[None], s[None]
@@ -103,9 +137,14 @@ def rope_3d(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0,
         raise TypeError(f"rope_3d: x must be a float tensor [B, S, H, D], got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 4:
         raise ValueError(f"rope_3d: x must have shape [batch, seq, heads, head_dim], got {tuple(x.shape)}")
-    if isinstance(positions, torch.Tensor) and positions.dim() >= 2 and positions.shape[-2] != x.shape[1]:
+    _check_positions(positions, "rope_3d")
+    if positions.dim() > 3:
+        raise ValueError(f"rope_3d: positions must have shape [S, 3], [G, S, 3] or [B, S, 3], got {tuple(positions.shape)}")
+    if positions.shape[-2] != x.shape[1]:
         raise ValueError(f"rope_3d: positions cover {positions.shape[-2]} tokens but x has {x.shape[1]}")
-    return select("rope_3d", backend, x.device)(x, positions, float(theta))
+    theta = _check_theta(theta, "rope_3d")
+    rope_split(x.shape[-1])
+    return select("rope_3d", backend, x.device)(x, positions, theta)
 
 
 def _ref_rope_3d(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

@@ -20,6 +20,10 @@ Functions (each a pure permutation with padding/cropping; differentiable):
 * :func:`skiparse_key_mask` -- which folded slots hold real tokens (the key-padding mask of sparse attention)
 * :func:`skiparse_positions` -- the true (t, h, w) of every folded slot, for RoPE
 
+Every function checks (grid, ratio) before anything is allocated: H and W must be >= ratio (every sub-sequence
+holds a real token), and the padded H x W may hold at most ``MAX_PAD_FACTOR`` (16) times the grid's H x W (an
+absurd ratio would otherwise allocate a grid of mostly padding).  Any strides are accepted, an empty batch too.
+
 Example::
 
     >>> import torch
@@ -119,12 +123,22 @@ def _check_kind(kind: object, fn: str) -> str:
     return kind  # type: ignore[return-value]
 
 
+MAX_PAD_FACTOR = 16  # the padded H x W may hold at most this many times the grid's own H x W tokens
+
+
 @functools.lru_cache(maxsize=256)
 def _layout(T: int, H: int, W: int, P: int, fn: str) -> SkiparseLayout:
     if P > 1 and (H < P or W < P):
         raise ValueError(f"{fn}: grid H and W must be >= ratio ({P}) so every sub-sequence holds a real token, got H={H}, W={W}")
     m = P * P
-    return SkiparseLayout(T, H, W, P, -(-H // m) * m, -(-W // m) * m)
+    Hp, Wp = -(-H // m) * m, -(-W // m) * m
+    if Hp * Wp > MAX_PAD_FACTOR * H * W:  # plain ints: refused before anything is allocated
+        raise ValueError(
+            f"{fn}: ratio {P} would pad grid (T, H, W) = {(T, H, W)} to H x W = {Hp} x {Wp}, {Hp * Wp / (H * W):.1f} times "
+            f"its {H} x {W} tokens per frame; at most {MAX_PAD_FACTOR} times is allowed (H and W are padded to multiples "
+            f"of ratio^2 = {m}): use a smaller ratio or a larger grid"
+        )
+    return SkiparseLayout(T, H, W, P, Hp, Wp)
 
 
 def skiparse_layout(grid: Sequence[int], ratio: int) -> SkiparseLayout:

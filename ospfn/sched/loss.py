@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ospfn.sched.flow import dynamic_shift, training_sigmas
+from ospfn.sched.flow import check_number, dynamic_shift, training_sigmas
 
 __all__ = ["flow_matching_loss"]
 
@@ -37,7 +37,9 @@ def flow_matching_loss(
     with a per-sample ratio rho ~ U(ratio_range).  Per-sample sigma: logit-normal (or uniform) then
     ``shift`` ("dynamic" = from the latent size, a number = fixed, None = none).  Text is replaced by
     ``empty_context`` (the empty prompt's encoding, not zeros) with probability ``text_drop``; the image is
-    never dropped.  All randomness comes from ``generator`` (CPU), so a run is reproducible.
+    never dropped.  All randomness comes from ``generator`` (CPU), so a run is reproducible.  Arguments are
+    checked before any work: ``text_drop`` in [0, 1] (> 0 needs ``empty_context``), ``ratio_range`` a pair
+    0 <= lo <= hi <= 1, a numeric ``shift`` finite and > 0.
 
     Data parallel: with ``global_batch`` = the batch over all ranks and ``batch_offset`` = this rank's first
     sample, the randomness is drawn for the whole global batch and sliced, so N ranks compute exactly the
@@ -46,11 +48,46 @@ def flow_matching_loss(
     ``run`` (``ospfn.model.RunOptions``) is passed to the model call; ``forward_fn`` (default
     ``ospfn.model.forward``) is called as ``forward_fn(params, cfg, x_t, t, context, image=..., run=run)``.
     """
-    from ospfn.model import ImageCond, flashi2v_shift, forward, fourier_features
+    from ospfn.model import DiTConfig, ImageCond, flashi2v_shift, forward, fourier_features
 
-    fwd = forward_fn or forward
+    fn = "flow_matching_loss"
+    if not isinstance(cfg, DiTConfig):
+        raise TypeError(f"{fn}: cfg must be a DiTConfig, got {type(cfg).__name__}")
+    if not isinstance(z0, torch.Tensor) or not z0.dtype.is_floating_point:
+        raise TypeError(f"{fn}: z0 must be a floating-point tensor of clean latents [B, C, T, H, W], got "
+                        f"{getattr(z0, 'dtype', type(z0).__name__)}")  # fmt: skip
+    if z0.dim() != 5 or z0.shape[0] < 1:
+        raise ValueError(f"{fn}: z0 must be clean latents [B, C, T, H, W] with B >= 1, got shape {tuple(z0.shape)}")
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(f"{fn}: context must be a tensor [B, L, text_dim], got {type(context).__name__}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator (CPU; all the loss's randomness comes from it), "
+                        f"got {type(generator).__name__}")  # fmt: skip
+    text_drop = check_number(text_drop, fn, "text_drop", lo=0, hi=1)
+    if text_drop > 0 and empty_context is None:
+        raise ValueError(f"{fn}: text_drop > 0 (got {text_drop}) needs empty_context (the encoding of the empty prompt)")
+    if empty_context is not None and not isinstance(empty_context, torch.Tensor):
+        raise TypeError(f"{fn}: empty_context must be a tensor [1, L, text_dim] or None, got {type(empty_context).__name__}")
+    if not isinstance(ratio_range, (tuple, list)) or len(ratio_range) != 2:
+        raise ValueError(f"{fn}: ratio_range must be a pair (lo, hi) with 0 <= lo <= hi <= 1, got {ratio_range!r}")
+    lo = check_number(ratio_range[0], fn, "ratio_range[0]", lo=0, hi=1)
+    hi = check_number(ratio_range[1], fn, "ratio_range[1]", lo=0, hi=1)
+    if lo > hi:
+        raise ValueError(f"{fn}: ratio_range must be a pair (lo, hi) with 0 <= lo <= hi <= 1, got {tuple(ratio_range)!r}")
+    if shift is not None and shift != "dynamic":
+        check_number(shift, fn, "shift (a number, 'dynamic' or None)", lo=0, lo_open=True)
+    if not isinstance(logit_normal, bool):
+        raise TypeError(f"{fn}: logit_normal must be a bool, got {type(logit_normal).__name__}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"{fn}: forward_fn must be callable like ospfn.model.forward or None, got {type(forward_fn).__name__}")
+    fwd = forward if forward_fn is None else forward_fn
     B = z0.shape[0]
-    GB = B if global_batch is None else int(global_batch)
+    for arg, v in (("global_batch", global_batch), ("batch_offset", batch_offset)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{fn}: {arg} must be an int, got {type(v).__name__}")
+    GB = B if global_batch is None else global_batch
+    if GB < B:
+        raise ValueError(f"{fn}: global_batch ({GB}) must be >= this rank's batch ({B})")
     if not 0 <= batch_offset <= GB - B:
         raise ValueError(f"flow_matching_loss: batch_offset {batch_offset} + batch {B} exceeds global_batch {GB}")
     sl = slice(batch_offset, batch_offset + B)
@@ -64,8 +101,6 @@ def flow_matching_loss(
     eps = torch.randn((GB, *z0.shape[1:]), generator=generator, dtype=torch.float32)[sl].to(dev)
     drop = (torch.rand(GB, generator=generator) < text_drop)[sl]
     if drop.any():
-        if empty_context is None:
-            raise ValueError("flow_matching_loss: text_drop > 0 needs empty_context (the encoding of the empty prompt)")
         from ospfn.sched.sampling import pad_context
 
         ctx, empty = pad_context(context, empty_context.expand(B, -1, -1))
@@ -78,7 +113,6 @@ def flow_matching_loss(
     if cfg.i2v == "flashi2v":
         if cond_image_latent is None:
             raise ValueError("flow_matching_loss: a FlashI2V model needs cond_image_latent (the first-frame latent)")
-        lo, hi = ratio_range
         rho = (lo + (hi - lo) * torch.rand(GB, generator=generator, dtype=torch.float32))[sl].to(dev)
         # x_t - phi(s) inside the call: phi is trained through the input only
         image = ImageCond(latent=cond_image_latent, fourier_feats=fourier_features(cond_image_latent, rho), apply_shift=True)

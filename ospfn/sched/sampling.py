@@ -12,13 +12,20 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ospfn.sched.flow import cfg_combine, euler_sample, inference_sigmas
+from ospfn.sched.flow import MAX_STEPS, cfg_combine, check_number, check_sigmas, euler_sample, inference_sigmas
 
 __all__ = ["sample", "pad_context", "image_condition"]
 
 
 def pad_context(*ctxs: torch.Tensor) -> list[torch.Tensor]:
     """Zero-pad text features [B, L_i, D] to a common length (Wan uses zero padding, no text mask)."""
+    for i, c in enumerate(ctxs):
+        if not isinstance(c, torch.Tensor):
+            raise TypeError(f"pad_context: argument {i} must be a tensor [B, L, D], got {type(c).__name__}")
+        if c.dim() != 3 or c.shape[2] != ctxs[0].shape[-1]:
+            raise ValueError(f"pad_context: every context must be [B, L, D] with one D, got shapes {[tuple(c.shape) for c in ctxs]}")
+    if not ctxs:
+        return []
     L = max(c.shape[1] for c in ctxs)
     return [F.pad(c, (0, 0, 0, L - c.shape[1])) for c in ctxs]
 
@@ -57,11 +64,42 @@ def sample(
     latent ``cond_image_latent`` [B, C, 1, h, w] (phi(s) and the Fourier features are computed once).
     ``run`` (``ospfn.model.RunOptions``) is passed to every model call.  ``forward_fn`` (default
     ``ospfn.model.forward``) is called as ``forward_fn(params, cfg, x, t, context, image=..., run=run)``.
-    """
-    from ospfn.model import ImageCond, forward
 
-    fwd = forward_fn or forward
+    Checked before the first step: ``guidance`` finite and >= 0 (0 = the unconditional branch only, 1 = no
+    guidance), ``steps`` an int >= 1 and ``shift`` finite and > 0 (both unused when ``sigmas`` is given:
+    then ``sigmas`` must be >= 2 finite values in [0, 1], strictly decreasing).
+    """
+    from ospfn.model import DiTConfig, ImageCond, forward
+
+    fn = "sample"
+    if not isinstance(cfg, DiTConfig):
+        raise TypeError(f"{fn}: cfg must be a DiTConfig, got {type(cfg).__name__}")
+    if not isinstance(noise, torch.Tensor) or not noise.dtype.is_floating_point:
+        raise TypeError(f"{fn}: noise must be a floating-point tensor [B, C, T, H, W], got {getattr(noise, 'dtype', type(noise).__name__)}")
+    if noise.dim() != 5 or noise.shape[0] < 1:
+        raise ValueError(f"{fn}: noise must have shape [B, C, T, H, W] with B >= 1, got {tuple(noise.shape)}")
+    for arg, v in (("context", context), ("neg_context", neg_context), ("cond_image_latent", cond_image_latent)):
+        if (v is not None or arg == "context") and not isinstance(v, torch.Tensor):
+            raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(v).__name__}")
+    guidance = check_number(guidance, fn, "guidance (1 = no guidance)", lo=0)
+    if sigmas is None:
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"{fn}: steps must be an int in [1, {MAX_STEPS}], got {type(steps).__name__}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"{fn}: steps must be an int in [1, {MAX_STEPS}], got {steps}")
+        shift = check_number(shift, fn, "shift", lo=0, lo_open=True)
+    else:
+        check_sigmas(sigmas, fn)
+    for arg, v in (("forward_fn", forward_fn), ("callback", callback)):
+        if v is not None and not callable(v):
+            raise TypeError(f"{fn}: {arg} must be callable or None, got {type(v).__name__}")
+    if cfg.i2v != "flashi2v" and cond_image_latent is not None:
+        raise ValueError(f"{fn}: cond_image_latent is the FlashI2V first-frame condition, but cfg.i2v = {cfg.i2v!r} takes none")
+    fwd = forward if forward_fn is None else forward_fn
     B = noise.shape[0]
+    for arg, v in (("context", context), ("neg_context", neg_context)):
+        if v is not None and (v.dim() != 3 or v.shape[0] != B):
+            raise ValueError(f"{fn}: {arg} must be [B={B}, L, text_dim] like noise's batch, got {tuple(v.shape)}")
     shift_p = feats = None
     if cfg.i2v == "flashi2v":
         if cond_image_latent is None:
