@@ -128,12 +128,11 @@ class ShardedEMA:
 
 
 def latest_dcp(out_dir) -> Optional[Path]:
-    out_dir = Path(out_dir)
-    marker = out_dir / "latest"
-    if marker.exists() and (out_dir / marker.read_text().strip()).is_dir():
-        return out_dir / marker.read_text().strip()
-    found = sorted(p for p in out_dir.glob("ckpt-*") if p.is_dir())
-    return found[-1] if found else None
+    """The DCP checkpoint ``out_dir/latest`` names (or the newest ``ckpt-*``); the same rules as
+    ``ospfn.train.state.latest_checkpoint``: a ``latest`` naming a missing directory is an error, never skipped."""
+    from ospfn.train.state import latest_checkpoint
+
+    return latest_checkpoint(out_dir)
 
 
 def _short(e: BaseException) -> str:
