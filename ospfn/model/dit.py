@@ -6,7 +6,7 @@ feeds ``z - phi(s)``; the loss asks ``forward`` to subtract it, ``ImageCond(appl
 
 ``forward(params, cfg, x, t, context, *, image=None, run=None)``: what the model sees (latents, timesteps,
 context tokens, the FlashI2V first-frame condition ``ImageCond``) is separate from how the call runs
-(``RunOptions``: attention backend, checkpointing, the parallel layout, per-block hooks).
+(``RunOptions``: attention backend, checkpointing, the parallel layout, per-block hooks, a sampling cache).
 
 One loop runs the blocks, on one process or many: the single-process model is the sequence-parallel one on a
 trivial mesh (``ParallelState.single``).  Each block is ``dit_block(x, params_of_block, bc, lay)`` with a
@@ -304,7 +304,8 @@ class ImageCond:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How one ``forward`` call runs; none of it changes the result beyond floating-point rounding.
+    """How one ``forward`` call runs; none of it changes the result beyond floating-point rounding, except a
+    ``cache``.
 
     ``attn_backend``: the attention backend (None: dispatch's default, see ``ospfn.backends``).
     ``grad_checkpoint``: recompute each block in backward.  ``parallel``: an
@@ -315,7 +316,24 @@ class RunOptions:
     reduced over (default: the SP group under SP, else local).  ``block_fn(i, x, bc, lay)`` replaces
     ``dit_block(x, block_params[i], bc, lay)`` (the ``ospfn.nn`` module shells route blocks through their
     submodules this way, for FSDP2 / per-block ``torch.compile``).  ``block_hook(i, layout, x)`` sees the
-    local stream after each block.
+    local stream after each block.  ``cache``: a sampling cache that may skip the whole block stack (below);
+    with one the result is the cache's approximation of the uncached forward.
+
+    The ``cache`` protocol (``ospfn.sched.teacache`` implements it; docs/real_stack.md#teacache).  ``forward``
+    calls, once per call, in this order:
+
+    * ``cache.before_blocks(x, e, e0)`` before the first block, with the local stream ``x`` [B, n, dim] in
+      the "full" layout (under SP this rank's rows), the time embedding ``e`` [B, dim] and the blocks' time
+      modulation ``e0`` [B, 6, dim] (both fp32 and replicated over SP ranks).  It returns None (run the
+      blocks) or a tensor shaped like ``x``: the stream after the blocks, used in their place (no block runs
+      and ``block_hook`` is not called).
+    * ``cache.after_blocks(x_in, x_out)`` only when the blocks ran: the local "full"-layout stream before the
+      first and after the last block (what the head reads).
+
+    Under sequence parallelism every rank must take the same decision (one rank running the blocks alone
+    would hang the collectives): a cache may decide from ``e``, ``e0`` and its own state only, never from
+    the local rows of ``x``.  ``cache=None`` (the default) costs nothing and keeps ``forward`` one
+    ``torch.compile`` graph; a cache's decision reads a number from the device and breaks the graph.
     """
 
     attn_backend: Optional[str] = None
@@ -324,6 +342,7 @@ class RunOptions:
     amax_group: object = None
     block_fn: Optional[Callable] = None
     block_hook: Optional[Callable[[int, str, torch.Tensor], None]] = None
+    cache: object = None
 
     def replace(self, **changes) -> "RunOptions":
         """A copy with ``changes`` applied (``dataclasses.replace``)."""
@@ -378,6 +397,9 @@ def _check_inputs(params, cfg, x, t, context, image, run):
         raise TypeError(f"{fn}: cfg must be a DiTConfig, got {type(cfg).__name__}")
     if run is not None and not isinstance(run, RunOptions):
         raise TypeError(f"{fn}: run must be an ospfn.model.RunOptions or None, got {type(run).__name__}")
+    if run is not None and run.cache is not None and not all(callable(getattr(run.cache, m, None)) for m in ("before_blocks", "after_blocks")):  # fmt: skip
+        raise TypeError(f"{fn}: run.cache must have before_blocks(x, e, e0) and after_blocks(x_in, x_out) methods (see RunOptions; "
+                        f"e.g. an ospfn.sched.teacache.TeaCache wrapper sets it), got {type(run.cache).__name__}")  # fmt: skip
     if image is not None and not isinstance(image, ImageCond):
         raise TypeError(f"{fn}: image must be an ospfn.model.ImageCond or None, got {type(image).__name__}")
     if not isinstance(x, torch.Tensor):
@@ -453,7 +475,8 @@ def forward(
     ``image.apply_shift``); t: [B] float timesteps (1000 * sigma); context: [B, L, text_dim] context tokens
     (zero-padded text features, no mask).  ``image``: the FlashI2V first-frame condition (``ImageCond``),
     required by ``cfg.i2v == "flashi2v"`` and refused otherwise.  ``run``: how the call runs
-    (``RunOptions``: attention backend, gradient checkpointing, sequence parallelism, block hooks).
+    (``RunOptions``: attention backend, gradient checkpointing, sequence parallelism, block hooks, a sampling
+    cache such as TeaCache).
 
     Every call is validated before any work, cheaply (shapes, dtypes and devices; no tensor data is read, so
     no device synchronisation, and torch.compile traces the checks without a graph break): ``params`` must
@@ -505,22 +528,32 @@ def forward(
     n_local = x_tok.shape[1] // mesh.sp_size
     x_loc = x_tok[:, mesh.sp_rank * n_local : (mesh.sp_rank + 1) * n_local] if mesh.sp_size > 1 else x_tok
     cur = "full"
-    for i, kind in enumerate(schedule):
-        with mesh.tag(f"block{i}:{kind}"):
-            x_loc = relayout(x_loc, grid, cfg.sparse_ratio, cur, kind, mesh, batch=B)
-            cur = kind
-            if block_fn is None:
-                fn, args = dit_block, (per_block[i], bc, tables[kind])
-            else:  # a module block uses its own parameters (under FSDP2 the model's dict holds other units' shards)
-                fn, args = functools.partial(block_fn, i), (bc, tables[kind])
-            if run.grad_checkpoint and torch.is_grad_enabled():
-                x_loc = checkpoint(fn, x_loc, *args, use_reentrant=False)
-            else:
-                x_loc = fn(x_loc, *args)
-        if block_hook is not None:
-            block_hook(i, kind, x_loc)
+    cache, x_in = run.cache, x_loc
+    reused = None if cache is None else cache.before_blocks(x_loc, e, e0)  # RunOptions: the cache protocol
+    if reused is not None:  # the cache skips the whole stack: its stream replaces the blocks' output
+        if not isinstance(reused, torch.Tensor) or reused.shape != x_loc.shape:
+            raise ValueError(f"forward: run.cache.before_blocks must return None or a tensor of the stream's shape "
+                             f"{tuple(x_loc.shape)}, got {getattr(reused, 'shape', type(reused).__name__)}")  # fmt: skip
+        x_loc = reused
+    else:
+        for i, kind in enumerate(schedule):
+            with mesh.tag(f"block{i}:{kind}"):
+                x_loc = relayout(x_loc, grid, cfg.sparse_ratio, cur, kind, mesh, batch=B)
+                cur = kind
+                if block_fn is None:
+                    fn, args = dit_block, (per_block[i], bc, tables[kind])
+                else:  # a module block uses its own parameters (under FSDP2 the model's dict holds other units' shards)
+                    fn, args = functools.partial(block_fn, i), (bc, tables[kind])
+                if run.grad_checkpoint and torch.is_grad_enabled():
+                    x_loc = checkpoint(fn, x_loc, *args, use_reentrant=False)
+                else:
+                    x_loc = fn(x_loc, *args)
+            if block_hook is not None:
+                block_hook(i, kind, x_loc)
     with mesh.tag("head"):
         x_loc = relayout(x_loc, grid, cfg.sparse_ratio, cur, "full", mesh, batch=B)
+        if cache is not None and reused is None:
+            cache.after_blocks(x_in, x_loc)
         out = _head_tokens(x_loc, e, params, cfg)
         if mesh.sp_size > 1:
             out = all_gather_seq(out, 1, mesh.sp_group)  # the head runs on local tokens only
