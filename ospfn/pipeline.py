@@ -8,6 +8,9 @@ Layout of a pipeline directory::
     pipeline.json                        {"text_encoder": {...}, "vae": {...}, "defaults": {...}}
 
 The bundled tiny FlashI2V model (``ospfn/assets/tiny_flashi2v``) is one; ``recipes/train.py`` exports one.
+``load_pipeline`` also reads the layouts users download: diffusers Wan pipelines (``model_index.json``) and Wan
+original directories, with an optional replacement DiT (OSP-Next, FlashI2V) and model type on top
+(docs/real_stack.md#pipelines).
 
     >>> from ospfn.pipeline import load_pipeline, BUNDLED
     >>> pipe = load_pipeline(BUNDLED)                       # doctest: +SKIP
@@ -21,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -30,6 +33,7 @@ from ospfn.model.checkpoint import (
     CheckpointError,
     CheckpointMissingError,
     _read_json_object,
+    checkpoint_shapes,
     load_checkpoint,
     load_config,
     read_safetensors,
@@ -37,15 +41,16 @@ from ospfn.model.checkpoint import (
 )
 from ospfn.model.config import DiTConfig
 from ospfn.model.params import param_shapes
-from ospfn.model.text import TinyTextConfig, TinyTextEncoder
-from ospfn.model.vae import PixelVAE
+from ospfn.model.text import TextEncoder, TinyTextConfig, TinyTextEncoder
+from ospfn.model.vae import PixelVAE, VideoVAE
 
-__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "BUNDLED"]
+__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "detect_layout", "BUNDLED", "WAN_NEGATIVE_PROMPT", "LAYOUTS"]
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "tiny_flashi2v"
 
 DEFAULTS = {"frames": 9, "size": [32, 32], "steps": 30, "guidance": 3.0, "shift": 3.0, "fourier_ratio": 0.1, "fps": 8,
-            "negative_prompt": ""}  # fmt: skip
+            "negative_prompt": "", "scheduler": "euler"}  # fmt: skip
+SCHEDULERS = ("euler", "unipc")
 
 
 def _make_vae(spec: dict):
@@ -65,20 +70,38 @@ def _make_vae(spec: dict):
     raise ValueError(f"pipeline: unknown vae kind {kind!r} (supported: 'pixel'; the Wan2.1 VAE plugs in behind ospfn.model.vae.VideoVAE)")
 
 
+MODEL_TYPES = ("ospfn", "wan", "osp-next", "flashi2v")  # Pipeline.model_type: ospfn's own tiny models, then the families
+
+
 @dataclass
 class Pipeline:
     """A loaded pipeline: the DiT (``cfg``, ``params``), the text encoder, the VAE and the sampling defaults.
 
+    ``text`` is any ``TextEncoder`` (the tiny bundled one or ``ospfn.model.umt5.UMT5TextEncoder``), ``vae`` any
+    ``VideoVAE`` (``PixelVAE`` or ``ospfn.model.wan_vae.WanVAE``); ``vae_spec`` describes the VAE (``{"kind":
+    "pixel", ...}``, ``{"kind": "wan"}``).  ``model_type`` names the model family (``"wan"``, ``"osp-next"``,
+    ``"flashi2v"`` or ``"ospfn"`` for ospfn's own tiny models) and ``info`` holds what the loader recorded.
     ``generate`` runs on the device the DiT parameters live on (``load_pipeline(device=...)``); the noise is
-    drawn on the CPU from ``seed``, so a seed gives the same video on every device (up to the device's rounding).
+    drawn on the CPU from ``seed``, so a seed gives the same video on every device (up to the device's
+    rounding).  After each ``generate``, ``last_info`` describes the run (steps, scheduler, TeaCache skips).
     """
 
     cfg: DiTConfig
     params: dict[str, torch.Tensor]
-    text: TinyTextEncoder
-    vae: PixelVAE
+    text: TextEncoder
+    vae: VideoVAE
     vae_spec: dict
     defaults: dict = field(default_factory=lambda: dict(DEFAULTS))
+    model_type: str = "ospfn"
+    info: dict = field(default_factory=dict)
+    last_info: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_type, str) or self.model_type not in MODEL_TYPES:
+            raise ValueError(f"Pipeline: model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r:.80}")
+        for name in ("defaults", "info", "vae_spec"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"Pipeline: {name} must be a dict, got {type(getattr(self, name)).__name__}")
 
     @property
     def device(self) -> torch.device:
@@ -128,62 +151,152 @@ class Pipeline:
     @torch.no_grad()
     def generate(
         self,
-        prompt: str,
-        *,
+        prompt: Union[str, Sequence[str]],
         image: Optional[torch.Tensor] = None,
-        negative_prompt: Optional[str] = None,
+        *,
+        negative_prompt: Union[None, str, Sequence[str]] = None,
+        frames: Optional[int] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
         steps: Optional[int] = None,
         guidance: Optional[float] = None,
         shift: Optional[float] = None,
         seed: int = 0,
-        frames: Optional[int] = None,
-        size: Optional[tuple[int, int]] = None,
+        latents: Optional[torch.Tensor] = None,
+        scheduler: Optional[str] = None,
+        sigmas=None,
+        teacache=None,
         fourier_ratio: Optional[float] = None,
         callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+        size: Optional[tuple[int, int]] = None,
     ) -> torch.Tensor:
-        """A video [3, F, H, W] in [-1, 1], on the pipeline's device.
+        """A video [3, F, H, W] in [-1, 1] for a str ``prompt``; [B, 3, F, H, W] for a list of B prompts.
 
-        ``image`` [3, H, W] is the first frame (image-to-video models only: a text-to-video pipeline refuses
-        it), floats in [-1, 1] or uint8 in 0..255 (see ``check_image``).  ``None`` for ``steps``,
-        ``guidance``, ``shift``, ``frames``, ``size``, ``fourier_ratio`` or ``negative_prompt`` takes the
-        pipeline's default; any value given is used as given, 0 included, and checked before any work:
-        ``steps`` and ``frames`` ints >= 1 (``frames - 1`` a multiple of the VAE time stride), ``size``
-        (H, W) multiples of the VAE stride x patch, ``guidance`` finite and >= 0, ``shift`` finite and > 0,
-        ``fourier_ratio`` in [0, 1], ``seed`` an int.
+        ``image`` is the first frame (image-to-video models only: a text-to-video pipeline refuses it):
+        [3, H, W] (shared by a batch) or [B, 3, H, W], floats in [-1, 1] or uint8 in 0..255 (see
+        ``check_image``).  ``negative_prompt``: a str (for every prompt) or a list of B str.
 
-        The noise comes from a CPU generator seeded with ``seed``: the same seed gives the same video.
+        ``None`` takes the pipeline default (``defaults``) for ``negative_prompt``, ``frames``, ``height`` /
+        ``width`` (``size`` (H, W) is the same pair in one argument), ``steps``, ``guidance``, ``shift``,
+        ``scheduler`` and ``fourier_ratio``; any value given is used as given, 0 included, and checked before
+        any work: ``steps`` and ``frames`` ints >= 1 (``frames - 1`` a multiple of the VAE time stride), H, W
+        multiples of the VAE stride x patch, ``guidance`` finite and >= 0 (1 = no guidance: one branch),
+        ``shift`` finite and > 0, ``fourier_ratio`` in [0, 1], ``seed`` an int.
+
+        ``latents`` fixes the initial noise instead of ``seed``: a finite float tensor [1 or B, C, T_lat, h, w] in
+        the DiT's latent space (C the VAE's latent channels, T_lat = (frames - 1) / time stride + 1, h, w = H, W
+        / spatial stride); frames / height / width left at None are taken from its shape.
+
+        ``scheduler``: ``"euler"`` (ospfn's Euler on the shifted linspace schedule) or ``"unipc"`` (diffusers'
+        ``UniPCMultistepScheduler`` in flow-prediction mode with ``flow_shift=shift``, driven by ospfn's loop).
+        ``sigmas``: an explicit Euler schedule (>= 2 values in [0, 1], strictly decreasing; ``steps`` is then
+        ``len(sigmas) - 1`` and ``shift`` does not apply).  ``teacache``: None, a threshold (float) or an
+        ``ospfn.sched.teacache.TeaCacheConfig``; skips blocks on steps whose input barely changed (separate
+        caches for the two guidance branches).  ``callback(i, z)`` sees the latent state after each step.
+
+        Classifier-free guidance runs both branches as one batch of 2B.  FlashI2V integrates the unshifted
+        state with either scheduler.  Without ``latents`` the noise comes from a CPU generator seeded with
+        ``seed``: the same seed gives the same video.
         """
-        from ospfn.sched import sample
-        from ospfn.sched.flow import MAX_STEPS, check_number
+        import time
 
+        from ospfn.model import forward
+        from ospfn.sched import SCHEDULERS, sample
+        from ospfn.sched.flow import MAX_STEPS, check_number, check_sigmas
+
+        t0 = time.perf_counter()
         fn = "Pipeline.generate"
         d = self.defaults
+        self.last_info = {}  # filled when this call succeeds
 
         def pick(value, name):
             return (d[name], f"the pipeline default {name}") if value is None else (value, name)
 
-        if not isinstance(prompt, str):
-            raise TypeError(f"{fn}: prompt must be a str, got {type(prompt).__name__}")
+        # -- prompts ------------------------------------------------------------------------------------
+        batched = not isinstance(prompt, str)
+        if batched:
+            if not isinstance(prompt, (list, tuple)):
+                raise TypeError(f"{fn}: prompt must be a str, got {type(prompt).__name__} (or a non-empty list of str for a batch)")
+            if not prompt or not all(isinstance(p, str) for p in prompt):
+                raise TypeError(f"{fn}: prompt must be a str or a non-empty list of str, got {prompt!r:.80}")
+            prompts = list(prompt)
+        else:
+            prompts = [prompt]
+        B = len(prompts)
         neg, neg_name = pick(negative_prompt, "negative_prompt")
-        if not isinstance(neg, str):
-            raise TypeError(f"{fn}: {neg_name} must be a str or None, got {type(neg).__name__}")
+        if isinstance(neg, str):
+            negs = [neg] * B
+        elif isinstance(neg, (list, tuple)) and all(isinstance(p, str) for p in neg):
+            if len(neg) != B:
+                raise ValueError(f"{fn}: {neg_name} must be a str or a list of {B} str (one per prompt), got {len(neg)}")
+            negs = list(neg)
+        else:
+            raise TypeError(f"{fn}: {neg_name} must be a str, a list of str or None, got {type(neg).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"{fn}: seed must be an int, got {type(seed).__name__}")
         if callback is not None and not callable(callback):
             raise TypeError(f"{fn}: callback must be callable as callback(i, z) or None, got {type(callback).__name__}")
-        frames_v, frames_name = pick(frames, "frames")
-        frames_v = _check_int(frames_v, fn, frames_name, 1, 100_000)
-        steps_v, steps_name = pick(steps, "steps")
-        steps_v = _check_int(steps_v, fn, steps_name, 1, MAX_STEPS)
-        size_v, size_name = pick(size, "size")
-        H, W = _check_size(size_v, fn, size_name)
+
+        # -- solver ---------------------------------------------------------------------------------------
+        # a pipeline whose defaults predate the "scheduler" key samples with Euler, as it always did
+        sched_v, sched_name = (d.get("scheduler", "euler"), "the pipeline default scheduler") if scheduler is None else (scheduler, "scheduler")
+        if sigmas is not None and scheduler is None:
+            sched_v, sched_name = "euler", "scheduler"  # an explicit schedule is an Euler schedule
+        if not isinstance(sched_v, str) or sched_v not in SCHEDULERS:
+            raise ValueError(f"{fn}: {sched_name} must be one of {list(SCHEDULERS)}, got {sched_v!r:.80}")
+        sig_list = None
+        if sigmas is not None:
+            if sched_v != "euler":
+                raise ValueError(f"{fn}: sigmas= is an explicit schedule for the Euler sampler; UniPC builds its own from steps "
+                                 "and shift (pass scheduler='euler' or drop sigmas)")  # fmt: skip
+            sig_list = check_sigmas(sigmas, fn)
+            if shift is not None:
+                raise ValueError(f"{fn}: shift={shift!r} does not apply to an explicit sigmas schedule (it is used as given); "
+                                 "drop one of them")  # fmt: skip
+            if steps is not None and _check_int(steps, fn, "steps", 1, MAX_STEPS) != len(sig_list) - 1:
+                raise ValueError(f"{fn}: steps={steps!r} disagrees with sigmas, which has {len(sig_list)} values "
+                                 f"({len(sig_list) - 1} steps); drop steps or make them agree")  # fmt: skip
+            steps_v = len(sig_list) - 1
+            sh_v = None
+        else:
+            steps_v, steps_name = pick(steps, "steps")
+            steps_v = _check_int(steps_v, fn, steps_name, 1, MAX_STEPS)
+            sh_v, sh_name = pick(shift, "shift")
+            sh_v = check_number(sh_v, fn, sh_name, lo=0, lo_open=True)
         g_v, g_name = pick(guidance, "guidance")
         g_v = check_number(g_v, fn, f"{g_name} (1 = no guidance)", lo=0)
-        sh_v, sh_name = pick(shift, "shift")
-        sh_v = check_number(sh_v, fn, sh_name, lo=0, lo_open=True)
         fr_v, fr_name = pick(fourier_ratio, "fourier_ratio")
         fr_v = check_number(fr_v, fn, fr_name, lo=0, hi=1)
+
+        # -- shape: frames, H, W (from the arguments, the latents or the defaults) ------------------------
         st, sh, sw = self.vae.stride
+        C = self.vae.latent_channels
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or not latents.dtype.is_floating_point:
+                raise TypeError(f"{fn}: latents must be a floating-point tensor [1 or B, {C}, T_lat, h, w], got "
+                                f"{getattr(latents, 'dtype', type(latents).__name__)}")  # fmt: skip
+            if latents.dim() != 5 or latents.shape[1] != C or latents.shape[0] not in (1, B) or min(latents.shape[2:]) < 1:
+                raise ValueError(f"{fn}: latents must be [1 or B={B}, {C}, T_lat, h, w] (the VAE's {C} latent channels), "
+                                 f"got {tuple(latents.shape)}")  # fmt: skip
+        if size is not None and (height is not None or width is not None):
+            raise ValueError(f"{fn}: pass the video size as height= and width= or as size=(H, W), not both")
+        if size is not None:
+            H, W = _check_size(size, fn, "size")
+            size_name = "size"
+        else:
+            lat_hw = None if latents is None else (latents.shape[3] * sh, latents.shape[4] * sw)
+            hw = []
+            for i, (v, name) in enumerate(((height, "height"), (width, "width"))):
+                if v is None:
+                    v = d["size"][i] if lat_hw is None else lat_hw[i]
+                hw.append(_check_int(v, fn, name, 1, 1_000_000))
+            H, W = hw
+            size_name = "(height, width)" if (height, width) != (None, None) or latents is not None else "the pipeline default size"
+        if frames is None and latents is not None:
+            frames_v, frames_name = (latents.shape[2] - 1) * st + 1, "frames"
+        else:
+            frames_v, frames_name = pick(frames, "frames")
+        frames_v = _check_int(frames_v, fn, frames_name, 1, 100_000)
         mh, mw = sh * self.cfg.patch_size[1], sw * self.cfg.patch_size[2]
         if H % mh or W % mw:
             raise ValueError(f"{fn}: {size_name} {(H, W)} must be a multiple of ({mh}, {mw}) (VAE stride x patch)")
@@ -191,27 +304,83 @@ class Pipeline:
         if (frames_v - 1) % st or ((frames_v - 1) // st + 1) % pt:
             raise ValueError(f"{fn}: {frames_name}={frames_v} must be 1 + a multiple of the VAE time stride {st}, giving a "
                              f"multiple of the temporal patch {pt} latent frames")  # fmt: skip
-        cond_image = None
+        t_lat = (frames_v - 1) // st + 1
+        shape = (B, C, t_lat, H // sh, W // sw)
+        if latents is not None:
+            if tuple(latents.shape[1:]) != shape[1:]:
+                raise ValueError(f"{fn}: latents {tuple(latents.shape)} do not match frames={frames_v}, size {(H, W)}: expected "
+                                 f"[1 or {B}, {C}, {t_lat}, {H // sh}, {W // sw}]")  # fmt: skip
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError(f"{fn}: latents hold NaN or Inf")
+
+        # -- image condition ------------------------------------------------------------------------------
+        cond_images = None
         if self.cfg.i2v == "flashi2v":
             if image is None:
                 raise ValueError(f"{fn}: this is an image-to-video model; pass image=[3, H, W] in [-1, 1] (or uint8 0..255)")
-            cond_image = self.check_image(image, (H, W))
+            if isinstance(image, torch.Tensor) and image.dim() == 4:
+                if image.shape[0] != B:
+                    raise ValueError(f"{fn}: a batch of images must be [B={B}, 3, H, W] (one per prompt), got {tuple(image.shape)}")
+                cond_images = torch.stack([self.check_image(im, (H, W)) for im in image])
+            else:
+                cond_images = self.check_image(image, (H, W))[None]
         elif image is not None:
             raise ValueError(f"{fn}: image= is the first frame of an image-to-video model, but this pipeline is "
                              f"text-to-video (cfg.i2v = {self.cfg.i2v!r}); drop it")  # fmt: skip
 
+        # -- TeaCache ------------------------------------------------------------------------------------
+        use_cfg = g_v != 1.0
+        tc = None
+        if teacache is not None:
+            tc = _make_teacache(teacache, fn, branches=2 if use_cfg else 1, steps=steps_v)
+
+        # -- run -------------------------------------------------------------------------------------------
         dev = self.device
-        t_lat = (frames_v - 1) // st + 1
-        shape = (1, self.vae.latent_channels, t_lat, H // sh, W // sw)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev)
-        ctx = self.encode_prompts([prompt]).to(dev)
-        neg_ctx = self.encode_prompts([neg]).to(dev)
-        cond = None if cond_image is None else self.vae.encode(cond_image[None, :, None]).to(dev)
+        if latents is None:
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+        else:
+            noise = latents.detach().to(device=dev, dtype=torch.float32).expand(shape).clone()
+        ctx = self.encode_prompts(prompts).to(dev)
+        neg_ctx = self.encode_prompts(negs).to(dev) if use_cfg else None
+        cond = None
+        if cond_images is not None:
+            cond = self.vae.encode(cond_images[:, :, None]).to(dev)
+            if cond.shape[0] != B:
+                cond = cond.expand(B, *cond.shape[1:])
+        schedule = {"sigmas": sig_list} if sig_list is not None else {"steps": steps_v, "shift": sh_v}
         z = sample(
-            self.params, self.cfg, noise=noise, context=ctx, neg_context=neg_ctx, guidance=g_v, steps=steps_v, shift=sh_v,
-            cond_image_latent=cond, fourier_ratio=fr_v, callback=callback,
+            self.params, self.cfg, noise=noise, context=ctx, neg_context=neg_ctx, guidance=g_v, scheduler=sched_v, **schedule,
+            cond_image_latent=cond, fourier_ratio=fr_v, callback=callback, forward_fn=None if tc is None else tc.wrap(forward),
         )  # fmt: skip
-        return self.vae.decode(z)[0].clamp(-1, 1)
+        video = self.vae.decode(z).clamp(-1, 1)
+        self.last_info = {
+            "steps": steps_v, "scheduler": sched_v, "shift": sh_v, "sigmas": sig_list, "guidance": g_v, "cfg_batched": use_cfg,
+            "batch": B, "frames": frames_v, "size": [H, W], "seed": None if latents is not None else seed,
+            "teacache_skipped": 0 if tc is None else int(tc.skipped), "teacache": None if tc is None else tc.stats(),
+            "seconds": round(time.perf_counter() - t0, 4),
+        }  # fmt: skip
+        return video if batched else video[0]
+
+
+def _make_teacache(teacache, fn: str, *, branches: int, steps: int):
+    """The ``TeaCache`` of ``generate(teacache=...)``: a threshold (a number >= 0, the other settings at
+    ``TeaCacheConfig``'s defaults) or a ``TeaCacheConfig``; one cache state per guidance branch."""
+    import numbers
+
+    try:
+        from ospfn.sched.teacache import TeaCache, TeaCacheConfig
+    except ImportError as e:
+        raise ImportError(f"{fn}: teacache= needs ospfn.sched.teacache, which could not be imported: {e}") from e
+    if isinstance(teacache, TeaCacheConfig):
+        config = teacache
+    elif isinstance(teacache, numbers.Real) and not isinstance(teacache, bool):
+        from ospfn.sched.flow import check_number
+
+        config = TeaCacheConfig(threshold=check_number(teacache, fn, "teacache (a threshold; 0 = never skip)", lo=0))
+    else:
+        raise TypeError(f"{fn}: teacache must be None, a threshold (a number >= 0) or an ospfn.sched.teacache.TeaCacheConfig, "
+                        f"got {type(teacache).__name__}")  # fmt: skip
+    return TeaCache(config, branches=branches, steps=steps)
 
 
 def _check_int(v, fn: str, name: str, lo: int, hi: int) -> int:
@@ -253,6 +422,7 @@ def _pipeline_defaults(d, where: str, err=ValueError) -> dict:
         "fourier_ratio": (lambda v: is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
         "fps": (lambda v: is_int(v) and 1 <= v <= 1000, "an int in [1, 1000]"),
         "negative_prompt": (lambda v: isinstance(v, str), "a str"),
+        "scheduler": (lambda v: v in SCHEDULERS, f"one of {list(SCHEDULERS)}"),
     }  # fmt: skip
     for k, (ok, allowed) in checks.items():
         if not ok(out[k]):
@@ -276,63 +446,368 @@ def _check_text_weights(w: dict, tcfg: TinyTextConfig, where: str, err=ValueErro
         raise err(f"{where}: text encoder weights do not match the text_encoder config {tcfg}: " + "; ".join(parts))
 
 
-def load_pipeline(path=BUNDLED, *, dtype: Optional[torch.dtype] = None, device="cpu") -> Pipeline:
-    """Load a pipeline directory (default: the bundled tiny FlashI2V model).
+# -- loading: ospfn, diffusers and Wan original layouts ------------------------------------------------------
 
-    Everything cheap is checked before any weights are read: ``pipeline.json`` (a JSON object with
-    ``text_encoder`` and ``vae``, optionally ``defaults`` and ``info``; known kinds; every default of the type
-    and range ``generate`` accepts), ``config.json``, that the text encoder, VAE and DiT configs agree, and that
-    the weight files exist and are well-formed.  Anything wrong raises ``CheckpointError`` naming the file
-    (``CheckpointMissingError``, also a ``FileNotFoundError``, for a missing one); a ``path`` without
-    ``pipeline.json`` raises ``FileNotFoundError``.
-    """
+# Wan2.1's default negative prompt (Chinese, as Wan, OSP-Next and FlashI2V ship it); in English: bright tones,
+# overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall gray, worst
+# quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, poorly drawn
+# faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three legs, many
+# people in the background, walking backwards
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)  # fmt: skip  # noqa: RUF001 (full-width commas are part of the prompt)
+
+LAYOUTS = ("diffusers", "wan", "ospfn")
+LOAD_MODEL_TYPES = ("wan", "osp-next", "flashi2v")  # what load_pipeline(model_type=...) accepts
+
+# the sampling defaults of a Wan-family pipeline (diffusers' WanPipeline at 480p); "shift" and "scheduler" come
+# from the diffusers layout's scheduler config when there is one
+WAN_DEFAULTS = {"frames": 81, "size": [480, 832], "steps": 50, "guidance": 5.0, "shift": 3.0, "fourier_ratio": 0.1,
+                "fps": 16, "negative_prompt": WAN_NEGATIVE_PROMPT, "scheduler": "unipc"}  # fmt: skip
+# OSP-Next and FlashI2V sample with Euler on the shifted linspace schedule, shift 7 (their released inference)
+_METHOD_SAMPLING = {"scheduler": "euler", "shift": 7.0}
+
+# the Wan original directory (Wan-AI/Wan2.1-T2V-*)
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+WAN_TOKENIZER_DIR = "google/umt5-xxl"
+_WAN_DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+_WAN_DIT_FILE = "diffusion_pytorch_model.safetensors"
+_DIFFUSERS_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+
+def _listing(path: Path, limit: int = 12) -> str:
+    """What a directory holds, for error messages: ``['a.json', 'sub/', ...]``."""
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    except OSError:
+        return "(unreadable)"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{names[:limit]}{more}" if names else "nothing (empty directory)"
+
+
+def detect_layout(path) -> str:
+    """The layout of a pipeline directory: ``"ospfn"`` (``pipeline.json``), ``"diffusers"`` (``model_index.json``)
+    or ``"wan"`` (Wan original files: ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.1_VAE.pth`` or a ``WanModel``
+    ``config.json``).  ``FileNotFoundError`` naming what the directory holds when none matches."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load_pipeline: path must be a str or os.PathLike, got {type(path).__name__}")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"load_pipeline: dtype must be a floating torch.dtype or None, got {dtype!r}")
+        raise TypeError(f"detect_layout: path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"load_pipeline: {path} is not a pipeline directory (no pipeline.json): no such directory")
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_pipeline: {path} is not a pipeline directory (no pipeline.json): it is a file; pass the "
+                                "directory of a pipeline, and a DiT checkpoint file as dit=")  # fmt: skip
+    if (path / "pipeline.json").is_file():
+        return "ospfn"
+    if (path / "model_index.json").is_file():
+        return "diffusers"
+    if (path / WAN_T5_FILE).is_file() or (path / WAN_VAE_FILE).is_file():
+        return "wan"
+    if (path / "config.json").is_file():
+        try:
+            if json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name") == "WanModel":
+                return "wan"
+        except (ValueError, OSError, AttributeError):
+            pass
+    raise FileNotFoundError(
+        f"load_pipeline: {path} is not a pipeline directory (no pipeline.json), nor a diffusers Wan pipeline "
+        f"(model_index.json) nor a Wan original directory ({WAN_T5_FILE}, {WAN_VAE_FILE}, a WanModel config.json); "
+        f"it holds {_listing(path)}. A DiT checkpoint alone goes in dit= on top of a pipeline directory"
+    )
+
+
+def _check_device(device, name: str) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"load_pipeline: {name} must be a torch.device, a str such as 'cuda:0' or None, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"load_pipeline: {name}={device!r} is not a device ({e})") from None
+
+
+def _osp_next_settings(num_layers: int) -> dict:
+    """The Skiparse settings of the ``osp-next-*`` presets (dual_end, sparse ratio 2, 8 full blocks), with the
+    full blocks capped for models of fewer than 16 layers (a multiple of 4, at most half the layers)."""
+    from ospfn.model.config import PRESETS
+
+    p = PRESETS["osp-next-1.3b"]
+    full = min(p["num_full_blocks"], (num_layers // 2) // 4 * 4)
+    return {"skiparse_model_type": p["skiparse_model_type"], "sparse_ratio": p["sparse_ratio"], "num_full_blocks": full}
+
+
+def _wan_dit_source(path: Path) -> Optional[Path]:
+    """The DiT weights of a Wan original directory (the index of a sharded set, or the single file)."""
+    for name in (_WAN_DIT_INDEX, _WAN_DIT_FILE):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def _dit_config_from(file: Path, who: str) -> DiTConfig:
+    """A DiTConfig from a Wan (``WanModel``) or diffusers (``WanTransformer3DModel``) config.json, refusing the
+    variants ospfn does not run (image-to-video conditioning through CLIP features, other attention norms)."""
+    d = _read_json_object(file, "config.json")
+    cls = d.get("_class_name")
+    unsupported = []
+    if d.get("model_type", "t2v") != "t2v":
+        unsupported.append(f"model_type {d['model_type']!r} (Wan's image-to-video / first-last-frame / VACE models)")
+    for key, ok in (("image_dim", None), ("added_kv_proj_dim", None)):
+        if d.get(key, ok) is not ok:
+            unsupported.append(f"{key} {d[key]!r} (Wan2.1-I2V's CLIP image branch)")
+    if d.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        unsupported.append(f"qk_norm {d['qk_norm']!r} (ospfn's DiT normalises q and k across heads)")
+    if d.get("cross_attn_norm", True) is not True:
+        unsupported.append("cross_attn_norm false (ospfn's DiT has the affine cross-attention norm)")
+    if unsupported:
+        raise CheckpointError(f"{who}: {file} describes a {cls or 'DiT'} ospfn does not run (text-to-video Wan2.1 DiTs only): "
+                              + "; ".join(unsupported))  # fmt: skip
+    try:
+        return DiTConfig.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{who}: {file}: not a valid DiT config: {e}") from None
+
+
+def _scheduler_defaults(file: Path, who: str) -> dict:
+    """``{"scheduler", "shift"}`` from a diffusers ``scheduler_config.json`` (UniPC in flow-prediction mode or
+    the flow-matching Euler scheduler)."""
+    d = _read_json_object(file, "scheduler_config.json")
+    cls = d.get("_class_name")
+    if cls == "UniPCMultistepScheduler":
+        if d.get("prediction_type") != "flow_prediction" or d.get("use_flow_sigmas") is not True:
+            raise CheckpointError(f"{who}: {file}: a UniPCMultistepScheduler must have prediction_type 'flow_prediction' and "
+                                  f"use_flow_sigmas true for a flow-matching DiT, got {d.get('prediction_type')!r} / "
+                                  f"{d.get('use_flow_sigmas')!r}")  # fmt: skip
+        kind, key = "unipc", "flow_shift"
+    elif cls == "FlowMatchEulerDiscreteScheduler":
+        kind, key = "euler", "shift"
+    else:
+        raise CheckpointError(f"{who}: {file}: scheduler {cls!r} is not one ospfn drives (supported: "
+                              "UniPCMultistepScheduler in flow-prediction mode, FlowMatchEulerDiscreteScheduler)")  # fmt: skip
+    shift = d.get(key, 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise CheckpointError(f"{who}: {file}: {key} must be a finite number > 0, got {shift!r}")
+    return {"scheduler": kind, "shift": float(shift)}
+
+
+def _load_diffusers_layout(path: Path, who: str) -> dict:
+    """Cheap checks of a diffusers Wan pipeline directory; the components are read later."""
+    index_file = path / "model_index.json"
+    index = _read_json_object(index_file, "model_index.json")
+    cls = index.get("_class_name")
+    if cls != "WanPipeline":
+        raise CheckpointError(f"{who}: {index_file} describes a {cls!r}; ospfn reads text-to-video WanPipeline directories "
+                              "(Wan2.1-T2V-*-Diffusers); an image-to-video model is a FlashI2V DiT on top of one: "
+                              "load_pipeline(<WanPipeline dir>, dit=<FlashI2V checkpoint>)")  # fmt: skip
+    second = index.get("transformer_2")
+    if isinstance(second, list) and any(v is not None for v in second):
+        raise CheckpointError(f"{who}: {index_file} names a second transformer (transformer_2, Wan2.2's two experts): not supported")
+    absent = [c for c in _DIFFUSERS_COMPONENTS if not (path / c).is_dir()]
+    absent += [f"{c}/config.json" for c in ("transformer", "vae", "text_encoder") if c not in absent and not (path / c / "config.json").is_file()]
+    if absent:
+        raise CheckpointMissingError(f"{who}: the diffusers pipeline {path} lacks {absent}; it holds {_listing(path)}")
+    cfg = _dit_config_from(path / "transformer" / "config.json", who)
+    defaults = dict(WAN_DEFAULTS)
+    sched = path / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        defaults.update(_scheduler_defaults(sched, who))
+    return {"cfg": cfg, "dit": path / "transformer", "defaults": defaults, "vae_spec": {"kind": "wan", "layout": "diffusers", "path": str(path / "vae")}}
+
+
+def _load_wan_layout(path: Path, who: str) -> dict:
+    """Cheap checks of a Wan original directory; the components are read later."""
+    dit = _wan_dit_source(path)
+    absent = [n for n, ok in (("config.json", (path / "config.json").is_file()),
+                              (f"{_WAN_DIT_FILE} or {_WAN_DIT_INDEX} (the DiT)", dit is not None),
+                              (f"{WAN_T5_FILE} (the text encoder)", (path / WAN_T5_FILE).is_file()),
+                              (f"{WAN_TOKENIZER_DIR}/ (the tokenizer)", (path / WAN_TOKENIZER_DIR).is_dir()),
+                              (f"{WAN_VAE_FILE} (the VAE)", (path / WAN_VAE_FILE).is_file())) if not ok]  # fmt: skip
+    if absent:
+        raise CheckpointMissingError(f"{who}: the Wan original directory {path} lacks {absent}; it holds {_listing(path)}")
+    cfg = _dit_config_from(path / "config.json", who)
+    return {"cfg": cfg, "dit": dit, "defaults": dict(WAN_DEFAULTS), "vae_spec": {"kind": "wan", "layout": "wan", "path": str(path / WAN_VAE_FILE)}}
+
+
+def _load_ospfn_layout(path: Path, who: str) -> dict:
+    """Cheap checks of an ospfn pipeline directory (pipeline.json); the weights are read later."""
     meta_file = path / "pipeline.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"load_pipeline: {path} is not a pipeline directory (no pipeline.json)")
     meta = _read_json_object(meta_file, "pipeline.json")
     unknown = set(meta) - {"text_encoder", "vae", "defaults", "info"}
     if unknown:
-        raise CheckpointError(f"load_pipeline: unknown key(s) {sorted(unknown)} in {meta_file}; allowed: defaults, info, text_encoder, vae")
+        raise CheckpointError(f"{who}: unknown key(s) {sorted(unknown)} in {meta_file}; allowed: defaults, info, text_encoder, vae")
     absent = [k for k in ("text_encoder", "vae") if k not in meta]
     if absent:
-        raise CheckpointError(f"load_pipeline: {meta_file} lacks {absent} (a pipeline.json has text_encoder, vae, defaults, info)")
+        raise CheckpointError(f"{who}: {meta_file} lacks {absent} (a pipeline.json has text_encoder, vae, defaults, info)")
     te = meta["text_encoder"]
     if not isinstance(te, dict):
-        raise CheckpointError(f"load_pipeline: {meta_file}: text_encoder must be an object such as {{'kind': 'tiny', ...}}, got {type(te).__name__}")
+        raise CheckpointError(f"{who}: {meta_file}: text_encoder must be an object such as {{'kind': 'tiny', ...}}, got {type(te).__name__}")
     if te.get("kind") != "tiny":
-        raise CheckpointError(f"load_pipeline: unknown text_encoder kind {te.get('kind')!r:.80} in {meta_file} (supported: 'tiny')")
+        raise CheckpointError(f"{who}: unknown text_encoder kind {te.get('kind')!r:.80} in {meta_file} (supported: 'tiny')")
     try:
         tcfg = TinyTextConfig(**{k: v for k, v in te.items() if k != "kind"})
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"load_pipeline: {meta_file}: text_encoder: {e}") from None
+        raise CheckpointError(f"{who}: {meta_file}: text_encoder: {e}") from None
     try:
         vae = _make_vae(meta["vae"])
     except ValueError as e:
-        raise CheckpointError(f"load_pipeline: {meta_file}: {e}") from None
-    defaults = _pipeline_defaults(meta.get("defaults", {}), f"load_pipeline: {meta_file}", CheckpointError)
+        raise CheckpointError(f"{who}: {meta_file}: {e}") from None
+    defaults = _pipeline_defaults(meta.get("defaults", {}), f"{who}: {meta_file}", CheckpointError)
     if not isinstance(meta.get("info", {}), dict):
-        raise CheckpointError(f"load_pipeline: {meta_file}: info must be an object, got {type(meta['info']).__name__}")
+        raise CheckpointError(f"{who}: {meta_file}: info must be an object, got {type(meta['info']).__name__}")
     absent = [n for n in ("config.json", "diffusion_pytorch_model.safetensors", "text_encoder.safetensors") if not (path / n).is_file()]
     if absent:
-        raise CheckpointMissingError(f"load_pipeline: {path} lacks {absent}: an incomplete pipeline directory")
+        raise CheckpointMissingError(f"{who}: {path} lacks {absent}: an incomplete pipeline directory")
     cfg = load_config(path / "config.json")
     if cfg.text_dim != tcfg.text_dim:
-        raise CheckpointError(f"load_pipeline: the text encoder in {meta_file} gives text_dim {tcfg.text_dim}, "
+        raise CheckpointError(f"{who}: the text encoder in {meta_file} gives text_dim {tcfg.text_dim}, "
                               f"{path / 'config.json'} expects {cfg.text_dim}")  # fmt: skip
     if (cfg.in_dim, cfg.out_dim) != (vae.latent_channels, vae.latent_channels):
-        raise CheckpointError(f"load_pipeline: the vae in {meta_file} has {vae.latent_channels} latent channels, "
+        raise CheckpointError(f"{who}: the vae in {meta_file} has {vae.latent_channels} latent channels, "
                               f"{path / 'config.json'} has in_dim {cfg.in_dim}, out_dim {cfg.out_dim}")  # fmt: skip
     text_file = path / "text_encoder.safetensors"
     text_w = read_safetensors(text_file)
-    _check_text_weights(text_w, tcfg, f"load_pipeline: {text_file}", CheckpointError)
-    params = load_checkpoint(path / "diffusion_pytorch_model.safetensors", cfg, dtype=dtype, device=device)
-    text = TinyTextEncoder({k: v.to(device) for k, v in text_w.items()}, tcfg)
-    return Pipeline(cfg, params, text, vae, meta["vae"], defaults)
+    _check_text_weights(text_w, tcfg, f"{who}: {text_file}", CheckpointError)
+    return {"cfg": cfg, "dit": path / "diffusion_pytorch_model.safetensors", "defaults": defaults, "vae_spec": meta["vae"],
+            "vae": vae, "text_weights": text_w, "text_cfg": tcfg, "info": dict(meta.get("info", {}))}  # fmt: skip
+
+
+def _apply_model_type(cfg: DiTConfig, model_type: Optional[str], shapes: dict, source: Path, who: str) -> tuple[DiTConfig, bool]:
+    """The DiT config for ``model_type`` on top of ``cfg`` and whether the FlashI2V branches must be created
+    (the weights hold none), from the names and shapes of the DiT's weights (``shapes``)."""
+    has_branches = "fourier_embedding.0.weight" in shapes or "learnable_proj.proj.0.weight" in shapes
+    if has_branches:
+        if model_type == "wan":
+            raise CheckpointError(f"{who}: {source} holds the FlashI2V branches (fourier_embedding.*, learnable_proj.*), "
+                                  "a FlashI2V model: use model_type='flashi2v' (or None)")  # fmt: skip
+        proj = shapes.get("learnable_proj.proj.0.weight", ())
+        cfg = cfg.replace(i2v="flashi2v", conv3x3x3_proj=len(proj) == 5 and proj[2] == 3)
+    changes: dict = {}
+    if model_type == "wan":
+        changes = {"skiparse_model_type": "full", "sparse_ratio": 1, "num_full_blocks": 0, "i2v": "none", "conv3x3x3_proj": False}
+    elif model_type == "osp-next":
+        changes = _osp_next_settings(cfg.num_layers)
+    elif model_type == "flashi2v" and not has_branches:
+        changes = {"i2v": "flashi2v", "conv3x3x3_proj": cfg.conv3x3x3_proj if cfg.i2v == "flashi2v" else False}
+    try:
+        cfg = cfg.replace(**changes)
+    except ValueError as e:
+        raise ValueError(f"{who}: model_type={model_type!r} does not fit the DiT of {source}: {e}") from None
+    return cfg, cfg.i2v == "flashi2v" and not has_branches
+
+
+def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, dtype: Optional[torch.dtype] = None,
+                  device=None, text_device=None, text_dtype=None, vae_config=None) -> Pipeline:  # fmt: skip
+    """Load a pipeline from a directory in one of three layouts (default: the bundled tiny FlashI2V model).
+
+    * ``"diffusers"``: a diffusers Wan pipeline (``model_index.json``, ``transformer/``, ``vae/``,
+      ``text_encoder/``, ``tokenizer/``, ``scheduler/``; e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``): the DiT's
+      diffusers names are converted to Wan names, the UMT5 encoder and the Wan VAE come from the library models,
+      the sampling shift and scheduler from ``scheduler/scheduler_config.json``;
+    * ``"wan"``: a Wan original directory (``config.json``, the DiT shards and index, ``models_t5_umt5-xxl-enc-
+      bf16.pth``, ``Wan2.1_VAE.pth``, ``google/umt5-xxl/``; e.g. ``Wan-AI/Wan2.1-T2V-14B``);
+    * ``"ospfn"``: ospfn's own directory (``pipeline.json``; the bundled model, ``recipes/train.py`` exports).
+
+    The layout is recognised from the files (``detect_layout``).  ``dit`` (a path ``load_checkpoint`` reads: an
+    OSP-Next ``model.pt`` or DCP directory, FlashI2V safetensors, ...) replaces the layout's DiT weights; its
+    ``config.json``, when it has one, replaces the layout's DiT config.  ``model_type`` sets the model on top:
+
+    * ``"wan"``: text-to-video with full attention (Wan2.1);
+    * ``"osp-next"``: the same weights with OSP-Next's Skiparse schedule (``dual_end``, sparse ratio 2, 8 full
+      blocks; fewer for models under 16 layers);
+    * ``"flashi2v"``: the FlashI2V image-to-video model (``i2v="flashi2v"``).  Weights without the FlashI2V
+      branches (Wan2.1-T2V) get them created with their zero-output initialisation (``add_flashi2v_branches``,
+      seed 0), so the model starts as the T2V model;
+    * None: what the weights are (FlashI2V when they hold the branches; else ``"wan"``, or the ospfn
+      directory's own config).
+
+    A Wan-family pipeline samples 81 frames at 480 x 832 with 50 steps, guidance 5 and Wan's negative prompt;
+    ``"wan"`` with the layout's scheduler (UniPC, shift 3 unless ``scheduler_config.json`` says otherwise),
+    ``"osp-next"`` and ``"flashi2v"`` with Euler at shift 7, as they were released.
+
+    ``dtype`` / ``device`` place the DiT (None: the stored dtype, the CPU); the VAE is fp32 on ``device``; the
+    text encoder lives on ``text_device`` (None: ``device``) in ``text_dtype`` (None: the stored dtype; UMT5
+    only).  The encoder can be moved off the accelerator or dropped after use: ``pipe.text.offload()`` /
+    ``pipe.text.release()``.  ``vae_config``: the ``AutoencoderKLWan`` arguments of a Wan original directory's
+    VAE file when it is not the released Wan2.1 VAE (dict, config.json or a directory holding one).
+
+    Everything cheap is checked before any weights are read (files present, configs valid and in agreement,
+    ``model_type`` / ``dit`` consistent with the weights' names); errors name the file.  ``FileNotFoundError``
+    for a path that is no pipeline directory (it lists what the directory holds); ``CheckpointMissingError``
+    (also a ``FileNotFoundError``) for a missing component; ``CheckpointError`` for a bad one.
+    """
+    who = "load_pipeline"
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{who}: path must be a str or os.PathLike, got {type(path).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{who}: dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if model_type is not None and model_type not in LOAD_MODEL_TYPES:
+        raise ValueError(f"{who}: model_type must be one of {list(LOAD_MODEL_TYPES)} or None, got {model_type!r}")
+    if dit is not None and not isinstance(dit, (str, os.PathLike)):
+        raise TypeError(f"{who}: dit must be a path (str or os.PathLike) to a DiT checkpoint or None, got {type(dit).__name__}")
+    dev = _check_device("cpu" if device is None else device, "device")
+    text_dev = dev if text_device is None else _check_device(text_device, "text_device")
+    path = Path(path)
+    layout = detect_layout(path)
+    if vae_config is not None and layout != "wan":
+        raise ValueError(f"{who}: vae_config is for the VAE file of a Wan original directory; {path} is a {layout} pipeline")
+    if text_dtype is not None and layout == "ospfn":
+        raise ValueError(f"{who}: text_dtype is for the UMT5 encoder of Wan-family pipelines; the tiny text encoder of {path} runs in fp32")
+    load = {"diffusers": _load_diffusers_layout, "wan": _load_wan_layout, "ospfn": _load_ospfn_layout}[layout]
+    parts = load(path, who)
+
+    cfg, source = parts["cfg"], parts["dit"]
+    if dit is not None:
+        source = Path(dit)
+        if not source.exists():
+            raise FileNotFoundError(f"{who}: dit={str(dit)!r}: no such file or directory")
+        own = source / "config.json" if source.is_dir() else source.parent / "config.json"
+        if own.is_file():
+            cfg = _dit_config_from(own, f"{who}: dit")
+    shapes = checkpoint_shapes(source)
+    cfg, create_branches = _apply_model_type(cfg, model_type, shapes, source, who)
+
+    if layout == "ospfn":
+        vae, tcfg = parts["vae"], parts["text_cfg"]
+        if cfg.text_dim != tcfg.text_dim or (cfg.in_dim, cfg.out_dim) != (vae.latent_channels,) * 2:
+            raise CheckpointError(f"{who}: the DiT config of {source} (text_dim {cfg.text_dim}, in/out_dim {cfg.in_dim}/{cfg.out_dim}) "
+                                  f"does not fit the pipeline's text encoder (text_dim {tcfg.text_dim}) and vae "
+                                  f"({vae.latent_channels} latent channels)")  # fmt: skip
+        text = TinyTextEncoder({k: v.to(text_dev) for k, v in parts["text_weights"].items()}, tcfg)
+    else:
+        vae_channels = 16  # AutoencoderKLWan's z_dim; checked again on the loaded VAE
+        if (cfg.in_dim, cfg.out_dim) != (vae_channels, vae_channels):
+            raise CheckpointError(f"{who}: the DiT config of {source} has in_dim {cfg.in_dim}, out_dim {cfg.out_dim}; the Wan "
+                                  f"VAE has {vae_channels} latent channels")  # fmt: skip
+        from ospfn.model.umt5 import UMT5TextEncoder
+        from ospfn.model.wan_vae import WanVAE
+
+        if layout == "diffusers":
+            text = UMT5TextEncoder.from_pretrained(path, dtype=text_dtype, device=text_dev, text_len=cfg.text_len)
+            vae = WanVAE.from_pretrained(path, device=dev)
+        else:
+            text = UMT5TextEncoder.from_wan(path / WAN_T5_FILE, path / WAN_TOKENIZER_DIR, dtype=text_dtype, device=text_dev,
+                                            text_len=cfg.text_len)  # fmt: skip
+            vae = WanVAE.from_wan(path / WAN_VAE_FILE, config=vae_config, device=dev)
+        if text.text_dim != cfg.text_dim:
+            raise CheckpointError(f"{who}: the text encoder of {path} gives {text.text_dim}-dim features; the DiT config of "
+                                  f"{source} expects text_dim {cfg.text_dim}")  # fmt: skip
+        if vae.latent_channels != cfg.in_dim:
+            raise CheckpointError(f"{who}: the VAE of {path} has {vae.latent_channels} latent channels; the DiT config of "
+                                  f"{source} has in_dim {cfg.in_dim}")  # fmt: skip
+    params = load_checkpoint(source, cfg, dtype=dtype, device=dev, init_missing="flashi2v" if create_branches else None)
+
+    kind = model_type if model_type is not None else ("ospfn" if layout == "ospfn" else "flashi2v" if cfg.i2v == "flashi2v" else "wan")
+    defaults = parts["defaults"]
+    if layout != "ospfn" and kind in ("osp-next", "flashi2v"):
+        defaults = {**defaults, **_METHOD_SAMPLING}
+    info = {**parts.get("info", {}), "layout": layout, "path": str(path), "dit": None if dit is None else str(dit),
+            "flashi2v_branches": None if cfg.i2v != "flashi2v" else ("initialised" if create_branches else "loaded")}  # fmt: skip
+    return Pipeline(cfg=cfg, params=params, text=text, vae=vae, vae_spec=parts["vae_spec"], defaults=defaults,
+                    model_type=kind, info=info)  # fmt: skip
 
 
 def save_pipeline(path, *, cfg: DiTConfig, params: dict, text_params: dict, text_cfg: TinyTextConfig, vae: dict,

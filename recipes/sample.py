@@ -8,8 +8,20 @@ With no arguments it runs the bundled tiny FlashI2V model on its bundled example
     python recipes/sample.py --checkpoint runs/tiny_flashi2v/final        # a pipeline exported by train.py
     python recipes/sample.py --device cuda --dtype bf16 --out out/clip.mp4   # writes out/clip.mp4, out/clip_frames.png
 
+Real weights (any layout ``load_pipeline`` reads: a diffusers Wan pipeline, a Wan original directory, an ospfn
+pipeline), with a replacement DiT and a model type on top:
+
+    python recipes/sample.py --checkpoint Wan2.1-T2V-1.3B-Diffusers --prompt "a fox in the snow" --device cuda --dtype bf16
+    python recipes/sample.py --checkpoint Wan2.1-T2V-1.3B-Diffusers --dit osp_next/model.pt --model-type osp-next \
+        --prompt "a fox in the snow" --device cuda --dtype bf16
+    python recipes/sample.py --checkpoint Wan2.1-T2V-14B --dit flashi2v/ --model-type flashi2v --image first.png \
+        --prompt "the dog runs to the left" --device cuda --dtype bf16 --scheduler unipc --teacache 0.1
+    python recipes/sample.py --prompt-file prompts.txt --image first.png --out out/batch   # out/batch_000.mp4, ..., out/batch_grid.mp4
+
 ``--out name.mp4`` writes ``name.mp4`` and the strip ``name_frames.png`` beside it; any other ``--out`` is a
-prefix (``out/sample`` -> ``out/sample.mp4``, ``out/sample_frames.png``).  Every number is checked before any
+prefix (``out/sample`` -> ``out/sample.mp4``, ``out/sample_frames.png``).  With ``--prompt-file`` (one prompt
+a line, blank lines skipped) the videos are numbered (``name_000.mp4``, ``name_000_frames.png``, ...), all from
+the same seed, and ``name_grid.mp4`` shows them side by side.  Every number is checked before any
 work (``--steps 0``, ``--guidance nan``, ``--size 0x32`` are errors), and so is every key of ``--config``.
 The same arguments and seed give the same video (the noise comes from a CPU generator on every device).
 """
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +40,9 @@ MAX_VIDEO_BYTES = 16 * 2**30  # one fp32 video [3, frames, H, W]
 MAX_WRITTEN_SIDE = 16384  # pixels of a written frame side after --scale
 OTHER_MEDIA = (".avi", ".mov", ".mkv", ".webm", ".gif", ".png", ".jpg", ".jpeg", ".webp")
 DTYPES = ("fp32", "bf16")
+MODEL_TYPES = ("wan", "osp-next", "flashi2v")
+SCHEDULERS = ("euler", "unipc")
+MAX_PROMPTS = 10_000  # lines of --prompt-file
 
 
 def _text_arg(text: str) -> str:
@@ -48,6 +64,7 @@ def value_checks() -> dict:
         "size": size_arg,
         "scale": int_arg(1, 64),
         "device": resolve_device,
+        "teacache": float_arg(0),
     }
 
 
@@ -56,14 +73,25 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default=None, help="text prompt (default: the bundled example's)")
     p.add_argument("--image", default=None, type=_text_arg, help="first frame for I2V models (default: the bundled example image)")
-    p.add_argument("--negative-prompt", default=None, help="unconditional branch of CFG (default: empty prompt)")
+    p.add_argument("--prompt-file", default=None, type=_text_arg,
+                   help="a text file of prompts, one video per line (blank lines skipped), plus a grid video of them all")  # fmt: skip
+    p.add_argument("--negative-prompt", default=None,
+                   help="unconditional branch of CFG (default: the pipeline's; empty for the tiny model, Wan's for Wan-family ones)")  # fmt: skip
     p.add_argument("--steps", type=c["steps"], default=None, help="sampling steps, 1..10000 (default: the pipeline's)")
     p.add_argument("--guidance", type=c["guidance"], default=None, help="classifier-free guidance scale, finite >= 0 (1: no CFG)")
     p.add_argument("--shift", type=c["shift"], default=None, help="sigma shift of the inference schedule, finite > 0")
     p.add_argument("--seed", type=c["seed"], default=0)
     p.add_argument("--frames", type=c["frames"], default=None, help="frames to generate, >= 1 (default: the pipeline's)")
     p.add_argument("--size", type=c["size"], default=None, help="HxW, each a multiple of the VAE stride x patch (default: the pipeline's)")
-    p.add_argument("--checkpoint", default=None, type=_text_arg, help="a pipeline directory (default: the bundled tiny FlashI2V model)")
+    p.add_argument("--checkpoint", default=None, type=_text_arg,
+                   help="a pipeline directory: diffusers Wan, Wan original or ospfn (default: the bundled tiny FlashI2V model)")  # fmt: skip
+    p.add_argument("--dit", default=None, type=_text_arg,
+                   help="a replacement DiT checkpoint on top of --checkpoint (OSP-Next model.pt / DCP, FlashI2V safetensors)")  # fmt: skip
+    p.add_argument("--model-type", default=None, choices=MODEL_TYPES,
+                   help="wan (T2V), osp-next (the dual_end Skiparse schedule) or flashi2v (I2V); default: what the weights are")  # fmt: skip
+    p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="euler or unipc (default: the pipeline's)")
+    p.add_argument("--teacache", type=c["teacache"], default=None, metavar="THRESH",
+                   help="TeaCache threshold, finite >= 0 (e.g. 0.1): skip the DiT blocks on steps whose input barely changed")  # fmt: skip
     p.add_argument("--config", default=None, type=_text_arg, help="a YAML file whose keys (the argument names) override the arguments")
     p.add_argument("--out", default="out/sample", type=_text_arg,
                    help="name.mp4 (the strip goes beside it as name_frames.png) or a prefix (.mp4 and _frames.png appended)")  # fmt: skip
@@ -74,8 +102,9 @@ def parse_args(argv=None):
 
 
 SAMPLE_KEYS = {"prompt", "image", "negative_prompt", "steps", "guidance", "shift", "seed", "frames", "size", "checkpoint", "out", "scale",
-               "device", "dtype"}  # fmt: skip
-STRING_KEYS = ("prompt", "image", "negative_prompt", "checkpoint", "out")
+               "device", "dtype", "prompt_file", "dit", "model_type", "scheduler", "teacache"}  # fmt: skip
+STRING_KEYS = ("prompt", "image", "negative_prompt", "checkpoint", "out", "prompt_file", "dit")
+CHOICE_KEYS = {"dtype": DTYPES, "model_type": MODEL_TYPES, "scheduler": SCHEDULERS}
 
 
 def fail(msg: str) -> None:
@@ -104,9 +133,9 @@ def apply_config(args, path: str) -> None:
         if k in STRING_KEYS:
             if not isinstance(v, str) or (k != "prompt" and k != "negative_prompt" and not v.strip()):
                 fail(f"{path}: {k} must be a non-empty string, got {v!r}")
-        elif k == "dtype":
-            if v not in DTYPES:
-                fail(f"{path}: dtype must be one of {list(DTYPES)}, got {v!r}")
+        elif k in CHOICE_KEYS:
+            if v not in CHOICE_KEYS[k]:
+                fail(f"{path}: {k} must be one of {list(CHOICE_KEYS[k])}, got {v!r}")
         elif k == "size":
             try:
                 v = checks[k](v)
@@ -167,23 +196,31 @@ def main(argv=None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
     ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
-    if not (ckpt / "pipeline.json").exists():
-        fail(f"--checkpoint: {ckpt} is not a pipeline directory (expected pipeline.json, config.json and weights)")
-    bundled = ckpt == BUNDLED
+    if not ckpt.is_dir():
+        fail(f"--checkpoint: {ckpt} is not a pipeline directory (a diffusers Wan pipeline, a Wan original directory or an "
+             "ospfn pipeline with pipeline.json)")  # fmt: skip
+    bundled = ckpt == BUNDLED and args.dit is None and args.model_type is None
+    if args.prompt is not None and args.prompt_file is not None:
+        fail("--prompt and --prompt-file exclude each other: give one prompt or a file of them")
     prompt = args.prompt
     image_path = args.image
-    if bundled and prompt is None:
+    prompts = None
+    if args.prompt_file is not None:
+        prompts = read_prompt_file(args.prompt_file)
+    elif bundled and prompt is None:
         prompt = (BUNDLED / "example.txt").read_text().strip()
-    if bundled and image_path is None and prompt == (BUNDLED / "example.txt").read_text().strip():
+    if bundled and prompts is None and image_path is None and prompt == (BUNDLED / "example.txt").read_text().strip():
         image_path = str(BUNDLED / "example.png")
-    if prompt is None:
-        fail("--prompt is required with a non-bundled checkpoint")
+    if prompt is None and prompts is None:
+        fail("--prompt (or --prompt-file) is required with a non-bundled checkpoint")
+    if prompts is None:
+        prompts = [prompt]
 
     from ospfn.io import read_image, write_mp4, write_strip_png
     from ospfn.pipeline import load_pipeline
 
     try:
-        pipe = load_pipeline(ckpt, dtype=dtype, device=device)
+        pipe = load_pipeline(ckpt, model_type=args.model_type, dit=args.dit, dtype=dtype, device=device)
     except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
         fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
     size = tuple(args.size) if args.size is not None else tuple(pipe.defaults["size"])
@@ -197,6 +234,12 @@ def main(argv=None) -> int:
              f"at most {MAX_VIDEO_BYTES // 2**30} GiB")  # fmt: skip
     if max(size) * args.scale > MAX_WRITTEN_SIDE:
         fail(f"--scale: {args.scale} makes {size[0] * args.scale}x{size[1] * args.scale} frames; each side at most {MAX_WRITTEN_SIDE}")
+    rows, cols = grid_shape(len(prompts))
+    if len(prompts) > 1:
+        gh, gw = rows * size[0] * args.scale, cols * size[1] * args.scale
+        if max(gh, gw) > MAX_WRITTEN_SIDE or 3 * frames * rows * size[0] * cols * size[1] * 4 > MAX_VIDEO_BYTES:
+            fail(f"--prompt-file: {len(prompts)} videos of {frames} frames of {size[0]}x{size[1]} make a {gh}x{gw} grid video "
+                 f"(at most {MAX_WRITTEN_SIDE} px a side and {MAX_VIDEO_BYTES // 2**30} GiB); use fewer prompts, a smaller --size or --scale")  # fmt: skip
     image = None
     if pipe.cfg.i2v == "flashi2v":
         if image_path is None:
@@ -212,28 +255,76 @@ def main(argv=None) -> int:
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc="sampling", unit="step")
+        bar = tqdm(total=steps * len(prompts), desc="sampling", unit="step")
     except ImportError:
         pass
+    fps = int(pipe.defaults.get("fps", 8))
     t0 = time.perf_counter()
-    video = pipe.generate(
-        prompt, image=image, negative_prompt=args.negative_prompt, steps=steps, guidance=args.guidance,
-        shift=args.shift, seed=args.seed, frames=frames, size=size,
-        callback=(lambda i, z: bar.update(1)) if bar is not None else None,
-    )  # fmt: skip
+    videos, written, skipped = [], [], 0
+    for i, p in enumerate(prompts):
+        video = pipe.generate(
+            p, image, negative_prompt=args.negative_prompt, steps=steps, guidance=args.guidance, shift=args.shift,
+            seed=args.seed, frames=frames, size=size, scheduler=args.scheduler, teacache=args.teacache,
+            callback=(lambda i, z: bar.update(1)) if bar is not None else None,
+        )  # fmt: skip
+        skipped += int(pipe.last_info.get("teacache_skipped", 0))
+        video = video.float().cpu()
+        if len(prompts) == 1:
+            mp4_i, png_i = mp4_path, png_path
+        else:
+            mp4_i = mp4_path.with_name(f"{mp4_path.stem}_{i:03d}{mp4_path.suffix}")
+            png_i = mp4_path.with_name(f"{mp4_path.stem}_{i:03d}_frames.png")
+            videos.append(video)
+        written += [write_mp4(mp4_i, video, fps=fps, scale=args.scale), write_strip_png(png_i, video, scale=args.scale)]
     if bar is not None:
         bar.close()
-    video = video.float().cpu()
-    mp4 = write_mp4(mp4_path, video, fps=int(pipe.defaults.get("fps", 8)), scale=args.scale)
-    png = write_strip_png(png_path, video, scale=args.scale)
-    info = {"prompt": prompt, "image": image_path, "seed": args.seed, "steps": steps, "frames": int(video.shape[1]),
-            "size": list(video.shape[2:]), "device": str(device), "dtype": args.dtype,
-            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    if videos:
+        written.append(write_mp4(mp4_path.with_name(f"{mp4_path.stem}_grid{mp4_path.suffix}"), tile_videos(videos, rows, cols),
+                                 fps=fps, scale=args.scale))  # fmt: skip
+    info = {"prompt": prompts[0] if len(prompts) == 1 else prompts, "image": image_path, "seed": args.seed, "steps": steps,
+            "frames": int(video.shape[1]), "size": list(video.shape[2:]), "device": str(device), "dtype": args.dtype,
+            "model_type": pipe.model_type, "scheduler": pipe.last_info.get("scheduler"), "teacache": args.teacache,
+            "teacache_skipped": skipped, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     print(json.dumps(info))
-    print(f"wrote {mp4}")
-    print(f"wrote {png}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
+
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of ``--prompt-file``: one a line, surrounding whitespace stripped, blank lines skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        fail(f"--prompt-file: no such file: {path}")
+    except IsADirectoryError:
+        fail(f"--prompt-file: {path} is a directory; give a text file with one prompt a line")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--prompt-file: cannot read {path} as UTF-8 text: {e}")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        fail(f"--prompt-file: {path} holds no prompt (one a line; blank lines are skipped)")
+    if len(prompts) > MAX_PROMPTS:
+        fail(f"--prompt-file: {path} holds {len(prompts)} prompts; at most {MAX_PROMPTS}")
+    return prompts
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of the grid video of ``n`` videos: ceil(sqrt(n)) columns."""
+    cols = math.isqrt(n - 1) + 1
+    return -(-n // cols), cols
+
+
+def tile_videos(videos: list, rows: int, cols: int):
+    """Videos [3, F, H, W] (one shape) tiled row by row into one [3, F, rows * H, cols * W]; empty cells black."""
+    import torch
+
+    C, F, H, W = videos[0].shape
+    grid = torch.full((C, F, rows * H, cols * W), -1.0)
+    for k, v in enumerate(videos):
+        r, c = divmod(k, cols)
+        grid[:, :, r * H : (r + 1) * H, c * W : (c + 1) * W] = v
+    return grid
 
 if __name__ == "__main__":
     sys.exit(main())

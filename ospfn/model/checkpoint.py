@@ -37,11 +37,11 @@ import torch
 
 from ospfn._fs import atomic_path, write_text_atomic
 from ospfn.model.config import DiTConfig
-from ospfn.model.params import param_shapes
+from ospfn.model.params import FLASHI2V_BRANCH_KEYS, add_flashi2v_branches, param_shapes
 
 __all__ = [
     "convert_state_dict", "load_checkpoint", "save_checkpoint", "load_config", "detect_format", "read_safetensors",
-    "torch_load", "read_dcp_metadata", "CheckpointError", "CheckpointMissingError",
+    "torch_load", "read_dcp_metadata", "checkpoint_shapes", "CheckpointError", "CheckpointMissingError",
 ]  # fmt: skip
 
 FORMATS = ("wan", "diffusers", "osp-next", "flashi2v")
@@ -503,13 +503,22 @@ def load_config(path) -> DiTConfig:
         raise CheckpointError(f"{cfg_file}: not a valid DiT config: {e}") from None
 
 
-def load_checkpoint(path, cfg: Optional[DiTConfig] = None, *, dtype: Optional[torch.dtype] = None, device="cpu") -> dict[str, torch.Tensor]:
+INIT_MISSING = (None, "flashi2v")
+
+
+def load_checkpoint(path, cfg: Optional[DiTConfig] = None, *, dtype: Optional[torch.dtype] = None, device="cpu",
+                    init_missing: Optional[str] = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Read a checkpoint into a Wan-named parameter dict for ``cfg`` (default: the checkpoint's config.json).
 
     ``dtype`` casts floating tensors (None keeps the file's dtypes).  Raises ``CheckpointError`` listing all
     missing, unexpected and mis-shaped keys, and ``CheckpointError`` naming the file for an empty, truncated,
     foreign or inconsistent file (every safetensors header is checked before any tensor is read).  A legacy
     (non-zip) ``torch.save`` file is read without mmap, still with ``weights_only=True``.
+
+    ``init_missing="flashi2v"`` (``cfg`` a FlashI2V config) accepts a text-to-video checkpoint: when the file
+    lacks exactly the eight FlashI2V branch tensors (``params.FLASHI2V_BRANCH_KEYS``), they are created by
+    ``add_flashi2v_branches`` (seed 0; zero output at initialisation, so the model equals the T2V model).  A
+    file holding some branch tensors but not all, or lacking any other key, still raises.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_checkpoint: path must be a str or os.PathLike, got {type(path).__name__}")
@@ -517,10 +526,14 @@ def load_checkpoint(path, cfg: Optional[DiTConfig] = None, *, dtype: Optional[to
         raise TypeError(f"load_checkpoint: dtype must be a floating torch.dtype or None, got {dtype!r}")
     if cfg is not None and not isinstance(cfg, DiTConfig):
         raise TypeError(f"load_checkpoint: cfg must be a DiTConfig or None, got {type(cfg).__name__}")
+    if init_missing not in INIT_MISSING:
+        raise ValueError(f"load_checkpoint: init_missing must be one of {INIT_MISSING}, got {init_missing!r}")
     path = Path(path)
     files, kind = _resolve_files(path)
     if cfg is None:
         cfg = load_config(path)
+    if init_missing == "flashi2v" and cfg.i2v != "flashi2v":
+        raise ValueError(f"load_checkpoint: init_missing='flashi2v' needs a FlashI2V cfg (i2v='flashi2v'), got i2v={cfg.i2v!r}")
     expected = param_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     unexpected, misshaped = [], []
@@ -565,6 +578,8 @@ def load_checkpoint(path, cfg: Optional[DiTConfig] = None, *, dtype: Optional[to
             take(name, t.shape, lambda t=t, target=target: t.to(device=device, dtype=target, copy=True), fmt)
         del sd
     missing = sorted(set(expected) - set(out))
+    if init_missing == "flashi2v" and not unexpected and not misshaped and set(missing) == set(FLASHI2V_BRANCH_KEYS):
+        return add_flashi2v_branches(out, cfg, seed=0)
     if missing or unexpected or misshaped:
         parts = []
         if missing:
@@ -573,7 +588,51 @@ def load_checkpoint(path, cfg: Optional[DiTConfig] = None, *, dtype: Optional[to
             parts.append(f"unexpected {len(unexpected)}: {sorted(unexpected)[:30]}{' ...' if len(unexpected) > 30 else ''}")
         if misshaped:
             parts.append(f"mis-shaped {len(misshaped)}: {misshaped[:30]}")
-        raise CheckpointError(f"load_checkpoint({path}): keys do not match {cfg_name(cfg)}: " + "; ".join(parts))
+        hint = ""
+        if init_missing is None and not unexpected and not misshaped and set(missing) == set(FLASHI2V_BRANCH_KEYS):
+            hint = (" (a text-to-video checkpoint: pass init_missing='flashi2v' to create the FlashI2V branches with their "
+                    "zero-output initialisation)")  # fmt: skip
+        raise CheckpointError(f"load_checkpoint({path}): keys do not match {cfg_name(cfg)}: " + "; ".join(parts) + hint)
+    return out
+
+
+def checkpoint_shapes(path) -> dict[str, tuple[int, ...]]:
+    """The tensor names (converted to Wan names when the file uses diffusers names; wrapper prefixes stripped)
+    and shapes of a checkpoint ``load_checkpoint`` reads, without reading its tensor data: safetensors headers
+    (checked as ``load_checkpoint`` checks them), a DCP directory's metadata, a ``.pt``'s state dict through a
+    memory map.  Names no rule knows are returned as they are.  Used to recognise a checkpoint (FlashI2V
+    branches present or not, their kernel size) before loading it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_shapes: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    files, kind = _resolve_files(path)
+    raw: dict[str, tuple[int, ...]] = {}
+    if kind == "safetensors":
+        for file in files:
+            entries, _ = _safetensors_entries(file)
+            raw.update({name: tuple(shape) for name, shape, *_ in entries})
+    elif kind == "torch":
+        raw = {k: tuple(v.shape) for k, v in _torch_state_dict(files[0]).items()}
+    else:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        md = read_dcp_metadata(files[0])
+        nesting = md.planner_data if isinstance(md.planner_data, dict) else {}
+        for fqn, meta in md.state_dict_metadata.items():
+            if isinstance(meta, TensorStorageMetadata):
+                keys = nesting.get(fqn, (fqn,))
+                # a {"model": state_dict} save is opened as load_checkpoint opens it (_unwrap_state_dict)
+                nested = isinstance(keys, (tuple, list)) and len(keys) == 2 and keys[0] in ("model", "state_dict", "module")
+                raw[str(keys[1]) if nested else fqn] = tuple(meta.size)
+    fmt = detect_format(raw)
+    table = _rename_table("diffusers", "wan") if fmt == "diffusers" else None
+    out = {}
+    for name, shape in raw.items():
+        key = _strip_wrappers(name)
+        if table is not None:
+            key = _DIFFUSERS_ALIASES.get(key, key)
+            key = _convert_name(key, table) or key
+        out[key] = shape
     return out
 
 

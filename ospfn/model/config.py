@@ -118,8 +118,10 @@ class DiTConfig:
         if not isinstance(d, dict):
             raise TypeError(f"DiTConfig.from_dict: d must be a dict of config fields, got {type(d).__name__}")
         d = dict(d)
-        for k in ("_class_name", "_diffusers_version", "__name__", "model_type", "_name_or_path", "architectures"):
+        for k in ("__name__", "model_type", "architectures"):
             d.pop(k, None)
+        for k in [k for k in d if isinstance(k, str) and k.startswith("_")]:  # library bookkeeping (_class_name,
+            d.pop(k)  # _diffusers_version, _name_or_path, _use_default_values of an in-memory diffusers config)
         alias = {
             "num_attention_heads": None,  # diffusers; heads * head_dim gives dim
             "attention_head_dim": None,

@@ -8,7 +8,16 @@ import torch
 
 from ospfn.model.config import DiTConfig
 
-__all__ = ["param_shapes", "expected_shapes", "init_params", "keeps_fp32", "block_linear_names"]
+__all__ = ["param_shapes", "expected_shapes", "init_params", "keeps_fp32", "block_linear_names", "add_flashi2v_branches",
+           "FLASHI2V_BRANCH_KEYS"]
+
+# The FlashI2V additions to the T2V network (docs/flashi2v.md): the Fourier embedding and phi (latent shifting)
+FLASHI2V_BRANCH_KEYS = (
+    "fourier_embedding.0.weight", "fourier_embedding.0.bias", "fourier_embedding.1.weight", "fourier_embedding.1.bias",
+    "learnable_proj.proj.0.weight", "learnable_proj.proj.0.bias", "learnable_proj.proj.2.weight", "learnable_proj.proj.2.bias",
+)  # fmt: skip
+# zero at initialisation (with every bias), so both branches output zero and the model equals the T2V model
+_FLASHI2V_ZERO = ("fourier_embedding.1.weight", "learnable_proj.proj.2.weight")
 
 # Linears inside the blocks: the ones HiF8 training quantises (docs/hif8.md#training-with-hif8).
 _BLOCK_LINEARS = (
@@ -120,10 +129,7 @@ def init_params(cfg: DiTConfig, *, seed: int = 0, dtype: torch.dtype = torch.flo
     g = torch.Generator().manual_seed(int(seed))
     out: dict[str, torch.Tensor] = {}
     for name, shape in param_shapes(cfg).items():
-        if name.endswith(".bias") or name.startswith("head.head.") or name in (
-            "fourier_embedding.1.weight",
-            "learnable_proj.proj.2.weight",
-        ):
+        if name.endswith(".bias") or name.startswith("head.head.") or name in _FLASHI2V_ZERO:
             t = torch.zeros(shape)
         elif ".norm" in name:
             t = torch.ones(shape)
@@ -135,4 +141,46 @@ def init_params(cfg: DiTConfig, *, seed: int = 0, dtype: torch.dtype = torch.flo
             t = _xavier(shape, g)
         target = torch.float32 if (dtype in (torch.bfloat16, torch.float16) and keeps_fp32(name)) else dtype
         out[name] = t.to(device=device, dtype=target)
+    return out
+
+
+def add_flashi2v_branches(params: dict[str, torch.Tensor], cfg: DiTConfig, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Text-to-video parameters plus freshly initialised FlashI2V branches: the start of FlashI2V training from
+    Wan2.1-T2V weights (as in the paper).
+
+    ``params`` holds a T2V model (the architecture of ``cfg`` without the FlashI2V branches); ``cfg`` is the
+    FlashI2V config (``i2v="flashi2v"``).  The eight ``FLASHI2V_BRANCH_KEYS`` are created with ``init_params``'s
+    FlashI2V initialisation: Xavier-uniform on the first conv of each branch (``fourier_embedding.0``,
+    ``learnable_proj.proj.0``), zero on the last one (``fourier_embedding.1``, ``learnable_proj.proj.2``) and on
+    every bias.  So the Fourier embedding adds zero and phi is zero: the returned model computes exactly what
+    the T2V model computes, for any image condition.  The random numbers come from a CPU generator seeded with
+    ``seed`` and drawn for these tensors only; they land on the device and in the dtype of
+    ``params["patch_embedding.weight"]``.  Returns a new dict (the T2V tensors are shared, not copied).
+
+    ``ValueError`` if ``cfg`` is not a FlashI2V config, if ``params`` already holds any branch tensor, or lacks
+    ``patch_embedding.weight``.
+    """
+    fn = "add_flashi2v_branches"
+    if not isinstance(cfg, DiTConfig):
+        raise TypeError(f"{fn}: cfg must be a DiTConfig, got {type(cfg).__name__}")
+    if cfg.i2v != "flashi2v":
+        raise ValueError(f"{fn}: cfg must be a FlashI2V config (i2v='flashi2v'), got i2v={cfg.i2v!r}")
+    if not isinstance(params, dict):
+        raise TypeError(f"{fn}: params must be a dict of tensors, got {type(params).__name__}")
+    present = [k for k in FLASHI2V_BRANCH_KEYS if k in params]
+    if present:
+        raise ValueError(f"{fn}: params already hold FlashI2V branch tensors {present}; they are created only for "
+                         "text-to-video weights")  # fmt: skip
+    ref = params.get("patch_embedding.weight")
+    if not isinstance(ref, torch.Tensor):
+        raise ValueError(f"{fn}: params lack the tensor 'patch_embedding.weight' (a text-to-video DiT's parameters are expected)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{fn}: seed must be an int, got {type(seed).__name__}")
+    shapes = expected_shapes(cfg)
+    g = torch.Generator().manual_seed(seed)
+    out = dict(params)
+    for name in FLASHI2V_BRANCH_KEYS:
+        shape = shapes[name]
+        t = torch.zeros(shape) if name.endswith(".bias") or name in _FLASHI2V_ZERO else _xavier(shape, g)
+        out[name] = t.to(device=ref.device, dtype=ref.dtype)
     return out

@@ -1,4 +1,4 @@
-"""Flow-matching schedules, samplers and the training loss."""
+"""Flow-matching schedules, samplers (Euler; UniPC through diffusers) and the training loss."""
 
 from ospfn.sched.flow import (
     cfg_combine,
@@ -12,7 +12,8 @@ from ospfn.sched.flow import (
     training_sigmas,
 )
 from ospfn.sched.loss import flow_matching_loss
-from ospfn.sched.sampling import image_condition, pad_context, sample
+from ospfn.sched.sampling import SCHEDULERS, image_condition, pad_context, sample
+from ospfn.sched.unipc import unipc_sample, unipc_schedule, unipc_scheduler
 
 __all__ = [
     "shift_sigmas",
@@ -28,4 +29,8 @@ __all__ = [
     "sample",
     "image_condition",
     "pad_context",
+    "SCHEDULERS",
+    "unipc_sample",
+    "unipc_schedule",
+    "unipc_scheduler",
 ]

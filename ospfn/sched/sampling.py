@@ -1,8 +1,11 @@
-"""Sampling T2V and FlashI2V (I2V) videos with the functional DiT (docs/flashi2v.md#sampling).
+"""Sampling T2V and FlashI2V (I2V) videos with the functional DiT (docs/flashi2v.md#sampling,
+docs/real_stack.md#sampling).
 
 FlashI2V keeps the UNSHIFTED fp32 state z (z = eps at sigma = 1) and feeds z - phi(s) to the model; phi(s)
 and the Fourier features f_high(s) are computed once per sample and shared by every step and both CFG
-branches (only the text is swapped).  T2V is the same loop without the image condition.
+branches (only the text is swapped).  T2V is the same loop without the image condition.  Two solvers drive
+the same model call: Euler (ospfn's, on a shifted linspace or an explicit sigma schedule) and UniPC
+(diffusers' scheduler, ``ospfn.sched.unipc``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import torch.nn.functional as F
 
 from ospfn.sched.flow import MAX_STEPS, cfg_combine, check_number, check_sigmas, euler_sample, inference_sigmas
 
-__all__ = ["sample", "pad_context", "image_condition"]
+__all__ = ["sample", "pad_context", "image_condition", "SCHEDULERS"]
+
+SCHEDULERS = ("euler", "unipc")  # the solvers ``sample`` and ``Pipeline.generate`` drive
 
 
 def pad_context(*ctxs: torch.Tensor) -> list[torch.Tensor]:
@@ -56,8 +61,14 @@ def sample(
     forward_fn: Optional[Callable] = None,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
     sigmas: Optional[torch.Tensor] = None,
+    scheduler: str = "euler",
 ) -> torch.Tensor:
-    """Clean latents (fp32, shape of ``noise``) by Euler ODE from sigma = 1 to 0 with classifier-free guidance.
+    """Clean latents (fp32, shape of ``noise``) by an ODE solve from sigma = 1 to 0 with classifier-free guidance.
+
+    ``scheduler``: ``"euler"`` (ospfn's Euler on ``inference_sigmas(steps, shift)`` or on ``sigmas``; the model
+    sees ``t = 1000 * sigma``) or ``"unipc"`` (diffusers' ``UniPCMultistepScheduler`` in flow-prediction mode
+    with ``flow_shift=shift`` and ``steps`` steps, driven by this loop; the model sees the scheduler's
+    timesteps; ``sigmas`` must be None).
 
     ``neg_context`` is the unconditional text (the empty or negative prompt's encoding); without it, or with
     ``guidance == 1``, only the conditional branch runs.  For ``cfg.i2v == "flashi2v"`` pass the first-frame
@@ -82,6 +93,11 @@ def sample(
         if (v is not None or arg == "context") and not isinstance(v, torch.Tensor):
             raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(v).__name__}")
     guidance = check_number(guidance, fn, "guidance (1 = no guidance)", lo=0)
+    if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
+        raise ValueError(f"{fn}: scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r:.80}")
+    if scheduler == "unipc" and sigmas is not None:
+        raise ValueError(f"{fn}: sigmas= is an explicit schedule for the Euler sampler; UniPC builds its own from steps "
+                         "and shift (pass scheduler='euler' to use sigmas)")  # fmt: skip
     if sigmas is None:
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"{fn}: steps must be an int in [1, {MAX_STEPS}], got {type(steps).__name__}")
@@ -110,18 +126,22 @@ def sample(
         ctx_u, ctx_c = pad_context(neg_context, context)
         ctx_all = torch.cat([ctx_u, ctx_c])
         feats_all = None if feats is None else torch.cat([feats, feats])
-    if sigmas is None:
-        sigmas = inference_sigmas(steps, shift)
-
     image = None if feats is None else ImageCond(fourier_feats=feats)
     image_all = None if feats is None or not use_cfg else ImageCond(fourier_feats=feats_all)
 
-    def velocity(z: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
+    def model(z: torch.Tensor, timestep: float, i: int) -> torch.Tensor:
+        """The guided velocity at state z and model timestep ``timestep`` (in [0, 1000]); CFG as one batch of 2B."""
         x = z if shift_p is None else z - shift_p
-        t = torch.full((B,), 1000.0 * sigma, device=z.device, dtype=torch.float32)
+        t = torch.full((B,), timestep, device=z.device, dtype=torch.float32)
         if not use_cfg:
             return fwd(params, cfg, x, t, context, image=image, run=run)
         v = fwd(params, cfg, torch.cat([x, x]), torch.cat([t, t]), ctx_all, image=image_all, run=run)
         return cfg_combine(v[:B], v[B:], guidance)
 
-    return euler_sample(velocity, noise, sigmas, callback=callback)
+    if scheduler == "unipc":
+        from ospfn.sched.unipc import unipc_sample
+
+        return unipc_sample(model, noise, steps=steps, shift=shift, callback=callback)
+    if sigmas is None:
+        sigmas = inference_sigmas(steps, shift)
+    return euler_sample(lambda z, sigma, i: model(z, 1000.0 * sigma, i), noise, sigmas, callback=callback)
