@@ -5,6 +5,11 @@ or an ``ospfn.train.distributed.FSDPTrainer`` under torchrun (``WORLD_SIZE`` > 1
 wrong with a config, the launch (a ``parallel`` section the number of processes cannot carry), the device or
 a resume source raises ``TrainError`` before any training work starts.
 
+``data.kind: latents`` trains from a latent cache (``ospfn.data.latents.LatentDataset``), checked against the
+config before any work (text and VAE kinds and widths, the first-frame latents FlashI2V needs, the frames,
+frame rate, buckets and seed it was prepared with); ``prepare_from_config`` writes that cache from the same
+config (``recipes/prepare_data.py``), with the encoders ``make_text_encoder`` / ``make_vae`` build.
+
 One process runs on ``device`` (cpu by default here; ``recipes/train.py`` defaults to cuda when available):
 the model, the text encoder, the EMA, the optimizer state and every batch live there, and ``train.precision:
 bf16`` autocasts on that device type.  Under torchrun each rank's device comes from the launch
@@ -20,7 +25,8 @@ import torch
 
 from ospfn.train.step import RunParts, Trainer
 
-__all__ = ["TrainError", "build_parts", "check_launch", "launch_world", "make_trainer", "local_trainer", "fsdp_trainer"]
+__all__ = ["TrainError", "build_parts", "check_launch", "launch_world", "make_trainer", "local_trainer", "fsdp_trainer",
+           "source_dataset", "make_text_encoder", "make_vae", "prepare_from_config"]
 
 
 class TrainError(ValueError):
@@ -28,7 +34,8 @@ class TrainError(ValueError):
 
 
 def build_parts(cfg) -> RunParts:
-    """Model config, text config, VAE and dataset of a recipe config (validated, before any work)."""
+    """Model config, text config, VAE and dataset of a recipe config (validated, before any work).  With
+    ``data.kind: latents`` the dataset is the cache and the VAE is None for ``vae.kind: wan`` (not needed)."""
     from ospfn.model.vae import PixelVAE
     from ospfn.train.sft import derive_configs
 
@@ -36,7 +43,7 @@ def build_parts(cfg) -> RunParts:
         dit_cfg, text_cfg, _ = derive_configs(cfg)
     except ValueError as e:  # the message names the key (model.overrides.<key>, text.heads, ...)
         raise TrainError(str(e)) from e
-    vae = PixelVAE(cfg.vae.spatial)
+    vae = PixelVAE(cfg.vae.stride[1]) if cfg.vae.kind == "pixel" else None
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
         raise TrainError(f"model.checkpoint: no such file or directory: {cfg.model.checkpoint}")
     if cfg.train.attn_backend is not None:
@@ -52,30 +59,224 @@ def build_parts(cfg) -> RunParts:
         dataset = SyntheticMotion(
             cfg.data.num_samples, frames=cfg.data.frames, size=tuple(cfg.data.size), split="train", seed=cfg.data.seed
         )
+    elif cfg.data.kind == "latents":
+        dataset = open_cache(cfg, dit_cfg)
     else:
-        from ospfn.data import VideoDataset, filter_clips, load_index
-
-        if not cfg.data.index or not Path(cfg.data.index).exists():
-            raise TrainError(f"data.index: no such file: {cfg.data.index}")
-        kept, _ = filter_clips(load_index(cfg.data.index), train_fps=cfg.data.train_fps, sample_num_frames=cfg.data.frames)
-        dataset = VideoDataset(
-            kept, num_frames=cfg.data.frames, train_fps=cfg.data.train_fps, buckets=[tuple(b) for b in cfg.data.buckets], seed=cfg.data.seed
-        )
+        dataset, _ = source_dataset(cfg)
     return RunParts(dit_cfg, text_cfg, vae, dataset)
 
 
+def source_dataset(cfg):
+    """(the ``VideoDataset`` of ``data.index`` that ``data.kind: video`` trains on and ``prepare_from_config``
+    encodes, its ``ClipEntry`` list after ``filter_clips``)."""
+    from ospfn.data import VideoDataset, filter_clips, load_index
+
+    if not cfg.data.index or not Path(cfg.data.index).exists():
+        raise TrainError(f"data.index: no such file: {cfg.data.index}")
+    kept, _ = filter_clips(load_index(cfg.data.index), train_fps=cfg.data.train_fps, sample_num_frames=cfg.data.frames)
+    dataset = VideoDataset(
+        kept, num_frames=cfg.data.frames, train_fps=cfg.data.train_fps, buckets=[tuple(b) for b in cfg.data.buckets], seed=cfg.data.seed
+    )
+    return dataset, kept
+
+
+def _source_spec(cfg, entries) -> dict:
+    """What a cache's samples depend on besides the encoders: the corpus (a digest of its clips) and how clips
+    are sampled.  Stored in the cache and compared when a run reads it."""
+    import hashlib
+    import json
+
+    clips = [[e.path, list(e.captions), None if e.cut is None else list(e.cut), e.fps] for e in entries]
+    digest = hashlib.sha256(json.dumps(clips, sort_keys=True).encode()).hexdigest()
+    return {"index": str(cfg.data.index), "num_clips": len(entries), "clips_sha256": digest, **_sampling(cfg)}
+
+
+def _sampling(cfg) -> dict:
+    dc = cfg.data
+    return {"frames": dc.frames, "train_fps": dc.train_fps, "buckets": [list(b) for b in dc.buckets], "seed": dc.seed}
+
+
+def open_cache(cfg, dit_cfg):
+    """The ``LatentDataset`` of ``data.cache``, after checking that it is what this config trains on."""
+    from ospfn.data.latents import LatentCacheError, LatentDataset
+
+    path = cfg.data.cache
+    try:
+        ds = LatentDataset(path)
+    except FileNotFoundError as e:
+        raise TrainError(f"data.cache: {e}") from None
+    except LatentCacheError as e:
+        raise TrainError(f"data.cache: {e}") from None
+    t, v, src = ds.spec["text"], ds.spec["vae"], ds.spec["source"]
+    bad = []
+    if t.get("kind") != cfg.text.kind:
+        bad.append(f"text.kind is {cfg.text.kind!r}, the cache's text features come from {t.get('kind')!r}")
+    if t["text_len"] != cfg.text.text_len:
+        bad.append(f"text.text_len is {cfg.text.text_len}, the cache's is {t['text_len']}")
+    if t["text_dim"] != dit_cfg.text_dim:
+        bad.append(f"the model's text_dim is {dit_cfg.text_dim} (model.preset / model.overrides), the cache's text features are {t['text_dim']} wide")
+    if cfg.text.kind == "tiny":
+        for key in ("vocab", "heads"):
+            if t.get(key) != getattr(cfg.text, key):
+                bad.append(f"text.{key} is {getattr(cfg.text, key)}, the cache's encoder has {t.get(key)}")
+    if v.get("kind") != cfg.vae.kind:
+        bad.append(f"vae.kind is {cfg.vae.kind!r}, the cache's latents come from {v.get('kind')!r}")
+    elif cfg.vae.kind == "pixel" and v.get("spatial") != cfg.vae.stride[1]:
+        bad.append(f"vae.spatial is {cfg.vae.stride[1]}, the cache's is {v.get('spatial')}")
+    if v["latent_channels"] != dit_cfg.in_dim:
+        bad.append(f"the model takes {dit_cfg.in_dim} latent channels, the cache's latents have {v['latent_channels']}")
+    if dit_cfg.i2v == "flashi2v" and not ds.cond:
+        bad.append("train.task flashi2v needs the first-frame latents, which the cache lacks (it was prepared for t2v)")
+    for key, want in _sampling(cfg).items():
+        if key in src and src[key] != want:
+            bad.append(f"data.{key} is {want}, the cache was prepared with {src[key]}")
+    if bad:
+        raise TrainError(f"data.cache {path} does not match this config: " + "; ".join(bad))
+    return ds
+
+
+def _weights_file(path: Path) -> Path:
+    return path / "text_encoder.safetensors" if path.is_dir() else path
+
+
+def make_text_encoder(cfg, *, device="cpu", dtype=torch.float32):
+    """(text encoder, its spec for the cache, its weights or None) of the config's ``text`` section.
+
+    ``tiny``: the weights of ``text.path`` (a ``text_encoder.safetensors`` or a pipeline directory holding one)
+    or, without a path, the seeded initialisation a run from videos starts with (``train.seed + 1``); fp32.
+    ``umt5``: ``text.path`` read with ``UMT5TextEncoder.from_pretrained`` (a directory) or ``from_wan`` (a
+    ``.pth`` file, with ``text.tokenizer``), in ``dtype`` on ``device``."""
+    from ospfn.model.checkpoint import CheckpointError
+    from ospfn.model.text import TinyTextEncoder, init_tiny_text_params
+    from ospfn.train.sft import derive_configs
+
+    dit_cfg, text_cfg, _ = derive_configs(cfg)
+    tc = cfg.text
+    dname = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    if tc.kind == "tiny":
+        if tc.path is None:
+            weights = init_tiny_text_params(text_cfg, seed=cfg.train.seed + 1)
+        else:
+            from ospfn.model.checkpoint import read_safetensors
+
+            f = _weights_file(Path(tc.path))
+            if not f.is_file():
+                raise TrainError(f"text.path: no such file: {f} (a text_encoder.safetensors or a pipeline directory holding one)")
+            try:
+                weights = read_safetensors(f)
+            except CheckpointError as e:
+                raise TrainError(f"text.path: {e}") from None
+        try:
+            enc = TinyTextEncoder({k: v.float().to(device) for k, v in weights.items()}, text_cfg)
+        except ValueError as e:
+            raise TrainError(f"text.path: {e}") from None
+        spec = {"kind": "tiny", "text_dim": text_cfg.text_dim, "text_len": text_cfg.text_len, "vocab": text_cfg.vocab, "heads": text_cfg.heads}
+        return enc, spec, weights
+    from ospfn.model.umt5 import UMT5TextEncoder
+
+    if tc.path is None:
+        raise TrainError("text.path must name the UMT5 weights to encode with: a diffusers pipeline or text_encoder directory, "
+                         "or Wan's models_t5_umt5-xxl-enc-bf16.pth (with text.tokenizer)")  # fmt: skip
+    p = Path(tc.path)
+    try:
+        if p.is_dir():
+            enc = UMT5TextEncoder.from_pretrained(p, tokenizer=tc.tokenizer, dtype=dtype, device=device, text_len=tc.text_len)
+        elif p.is_file():
+            if tc.tokenizer is None:
+                raise TrainError(f"text.tokenizer must name the google/umt5-xxl tokenizer folder to read Wan's {p.name}")
+            enc = UMT5TextEncoder.from_wan(p, tc.tokenizer, dtype=dtype, device=device, text_len=tc.text_len)
+        else:
+            raise TrainError(f"text.path: no such file or directory: {p}")
+    except (OSError, ValueError, ImportError) as e:  # FileNotFoundError, CheckpointError, a missing library
+        if isinstance(e, TrainError):
+            raise
+        raise TrainError(f"text.path: {e}") from None
+    if enc.text_dim != dit_cfg.text_dim:
+        raise TrainError(f"text.path: the UMT5 at {p} gives {enc.text_dim}-wide features; the model's text_dim is {dit_cfg.text_dim} "
+                         "(model.preset / model.overrides.text_dim)")  # fmt: skip
+    spec = {"kind": "umt5", "text_dim": enc.text_dim, "text_len": enc.text_len, "path": str(p), "tokenizer": tc.tokenizer, "dtype": dname}
+    return enc, spec, None
+
+
+def make_vae(cfg, *, device="cpu", dtype=torch.float32, tiling: bool = False):
+    """(VAE, its spec for the cache) of the config's ``vae`` section: the pixel VAE, or the Wan2.1 VAE of
+    ``vae.path`` (``WanVAE.from_pretrained`` for a directory, ``from_wan`` for a file) in ``dtype`` on ``device``."""
+    from ospfn.model.vae import PixelVAE
+    from ospfn.train.sft import WAN_VAE
+
+    if cfg.vae.kind == "pixel":
+        s = cfg.vae.stride[1]
+        vae = PixelVAE(s)
+        return vae, {"kind": "pixel", "spatial": s, "latent_channels": vae.latent_channels, "stride": list(vae.stride)}
+    from ospfn.model.wan_vae import WanVAE
+
+    if cfg.vae.path is None:
+        raise TrainError("vae.path must name the Wan2.1 VAE to encode with: a diffusers pipeline or vae directory, or Wan2.1_VAE.pth")
+    p = Path(cfg.vae.path)
+    try:
+        if p.is_dir():
+            vae = WanVAE.from_pretrained(p, dtype=dtype, device=device, tiling=tiling)
+        elif p.is_file():
+            vae = WanVAE.from_wan(p, dtype=dtype, device=device, tiling=tiling)
+        else:
+            raise TrainError(f"vae.path: no such file or directory: {p}")
+    except (OSError, ValueError, ImportError) as e:
+        if isinstance(e, TrainError):
+            raise
+        raise TrainError(f"vae.path: {e}") from None
+    if vae.latent_channels != WAN_VAE["latent_channels"] or tuple(vae.stride) != WAN_VAE["stride"]:
+        raise TrainError(f"vae.path: the VAE at {p} has {vae.latent_channels} latent channels and stride {tuple(vae.stride)}; "
+                         f"vae.kind 'wan' is the Wan2.1 VAE ({WAN_VAE['latent_channels']} channels, stride {WAN_VAE['stride']})")  # fmt: skip
+    spec = {"kind": "wan", "latent_channels": vae.latent_channels, "stride": list(vae.stride), "path": str(p),
+            "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32", "tiling": bool(tiling)}  # fmt: skip
+    return vae, spec
+
+
+def prepare_from_config(cfg, *, out=None, device="cpu", dtype=torch.float32, store_dtype=torch.float32, shard_size: int = 64,
+                        skip_bad: bool = False, stop_after=None, vae_tiling: bool = False, progress: bool = True, log=None) -> dict:  # fmt: skip
+    """Encode the corpus of ``data.index`` into the latent cache ``out`` (default ``data.cache``) with the
+    config's encoders; the first-frame latents too when ``train.task`` is flashi2v.  Returns the cache index.
+    ``TrainError`` for what is wrong with the config or the encoders' files, ``LatentCacheError`` for the cache
+    (another writer, a cache made with other settings, a failing clip without ``skip_bad``)."""
+    from ospfn.data.latents import prepare_cache
+
+    if cfg.data.kind != "latents":
+        raise TrainError(f"data.kind must be 'latents' to prepare a cache (data.cache: where to write it, data.index: the corpus), "
+                         f"got {cfg.data.kind!r}")  # fmt: skip
+    if cfg.data.index is None:
+        raise TrainError("data.index must name the OSP-Next index file of the corpus to encode")
+    target = cfg.data.cache if out is None else out
+    dataset, entries = source_dataset(cfg)
+    if len(dataset) == 0:
+        raise TrainError(f"data.index: no clip of {cfg.data.index} passes the filter (frames, fps, size); nothing to encode")
+    dev = _device(device)
+    text, text_spec, text_w = make_text_encoder(cfg, device=dev, dtype=dtype)
+    vae, vae_spec = make_vae(cfg, device=dev, dtype=dtype, tiling=vae_tiling)
+    return prepare_cache(dataset, target, text=text, vae=vae, text_spec=text_spec, vae_spec=vae_spec,
+                         cond=cfg.train.task == "flashi2v", source=_source_spec(cfg, entries), shard_size=shard_size,
+                         dtype=store_dtype, text_weights=text_w, skip_bad=skip_bad, stop_after=stop_after, progress=progress,
+                         log=log)  # fmt: skip
+
+
 def _initial_weights(cfg, parts: RunParts) -> tuple[dict, dict]:
-    """(DiT weights: ``model.checkpoint`` or a seeded init, text-encoder weights: a seeded init)."""
+    """(DiT weights: ``model.checkpoint`` or a seeded init, text-encoder weights: a seeded init).
+
+    A FlashI2V run may start from a text-to-video checkpoint: its two branches are then created with their
+    zero-output initialisation.  On a latent cache the text weights are the (frozen) tiny encoder stored with
+    the cache, or none for UMT5 (its features are in the cache and nothing of it is trained)."""
     from ospfn.model import init_params
     from ospfn.model.checkpoint import load_checkpoint
     from ospfn.model.text import init_tiny_text_params
 
     seed = cfg.train.seed
+    init_missing = "flashi2v" if parts.dit_cfg.i2v == "flashi2v" else None
     dit = (
-        load_checkpoint(cfg.model.checkpoint, parts.dit_cfg, dtype=torch.float32)
+        load_checkpoint(cfg.model.checkpoint, parts.dit_cfg, dtype=torch.float32, init_missing=init_missing)
         if cfg.model.checkpoint
         else init_params(parts.dit_cfg, seed=seed)
     )
+    if cfg.data.kind == "latents":
+        return dit, (parts.dataset.text_weights() if cfg.text.kind == "tiny" else {})
     return dit, init_tiny_text_params(parts.text_cfg, seed=seed + 1)
 
 

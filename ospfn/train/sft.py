@@ -8,13 +8,16 @@ Every section checks its values on construction, so ``load_config(path, SFTConfi
 would reject later (or that would allocate absurd amounts of memory) with the key path:
 ``optim.betas[1] must be a number in [0, 1), got 1.0``.  ``SFTConfig`` then checks what spans sections: the
 DiT built from ``model`` (``derive_configs``), ``data.size`` against the VAE stride and patch, the memory of
-one sample and one micro-batch, and whether the ``parallel`` section can split the token grid.
+one sample and one micro-batch, whether the ``parallel`` section can split the token grid, and that the real
+encoders (``text.kind: umt5``, ``vae.kind: wan``) are only used through a latent cache (``data.kind: latents``,
+written by ``recipes/prepare_data.py``; docs/training.md#latent-cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
@@ -77,46 +80,92 @@ class ModelSection:
             raise ValueError(f"model.checkpoint must be a path or null, got {self.checkpoint!r}")
 
 
+def _opt_path(key: str, value) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{key} must be a path or null, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TextSection:
-    kind: Literal["tiny"] = "tiny"
+    """``tiny``: the small trainable encoder (``vocab``, ``heads``); ``umt5``: UMT5-XXL (transformers), whose
+    features are read from a latent cache.  ``path``: the weights ``recipes/prepare_data.py`` encodes with
+    (umt5: a diffusers pipeline or ``text_encoder`` directory, or Wan's ``.pth`` with ``tokenizer`` = the
+    google/umt5-xxl folder; tiny: a ``text_encoder.safetensors`` or a pipeline directory holding one, else
+    the seeded initialisation a run from videos starts with)."""
+
+    kind: Literal["tiny", "umt5"] = "tiny"
     text_len: int = 16
     vocab: int = 1024
     heads: int = 2
     train: bool = True
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None
 
     def __post_init__(self):
+        if self.kind not in ("tiny", "umt5"):
+            raise ValueError(f"text.kind must be one of ['tiny', 'umt5'], got {self.kind!r}")
         _int("text.text_len", self.text_len, 1, 65536)
         _int("text.vocab", self.vocab, 2, 2**24)  # token ids hash into [1, vocab); 0 is end-of-text
         _int("text.heads", self.heads, 1, 1024)
+        _opt_path("text.path", self.path)
+        _opt_path("text.tokenizer", self.tokenizer)
+        if self.tokenizer is not None and self.kind != "umt5":
+            raise ValueError(f"text.tokenizer applies to text.kind 'umt5' only (the tiny encoder has no tokenizer files), got {self.tokenizer!r}")
+
+
+WAN_VAE = {"latent_channels": 16, "stride": (4, 8, 8)}  # the Wan2.1 VAE (docs/real_stack.md#wan21-vae)
 
 
 @dataclass(frozen=True)
 class VAESection:
-    kind: Literal["pixel"] = "pixel"
-    spatial: int = 4
+    """``pixel``: the lossless space-to-depth "VAE" (``spatial``: its factor, 4 when null); ``wan``: the Wan2.1
+    VAE (16 channels, stride 4 x 8 x 8), read from a latent cache; ``path`` is what ``recipes/prepare_data.py``
+    encodes with (a diffusers pipeline or ``vae`` directory, or Wan's ``Wan2.1_VAE.pth``)."""
+
+    kind: Literal["pixel", "wan"] = "pixel"
+    spatial: Optional[int] = None
+    path: Optional[str] = None
 
     def __post_init__(self):
-        if self.kind != "pixel":
-            raise ValueError(f"vae.kind must be one of ['pixel'], got {self.kind!r}")
-        _int("vae.spatial", self.spatial, 1, 64)
+        if self.kind not in ("pixel", "wan"):
+            raise ValueError(f"vae.kind must be one of ['pixel', 'wan'], got {self.kind!r}")
+        if self.spatial is not None:
+            _int("vae.spatial", self.spatial, 1, 64)
+        if self.kind == "wan" and self.spatial not in (None, WAN_VAE["stride"][1]):
+            raise ValueError(f"vae.spatial is fixed at 8 for vae.kind 'wan' (the Wan2.1 VAE); remove it, got {self.spatial!r}")
+        _opt_path("vae.path", self.path)
+        if self.path is not None and self.kind != "wan":
+            raise ValueError(f"vae.path applies to vae.kind 'wan' only (the pixel VAE has no weights), got {self.path!r}")
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        """(time, height, width) stride of the latents."""
+        if self.kind == "wan":
+            return WAN_VAE["stride"]
+        s = 4 if self.spatial is None else self.spatial
+        return (1, s, s)
+
+    @property
+    def latent_channels(self) -> int:
+        return WAN_VAE["latent_channels"] if self.kind == "wan" else 3 * self.stride[1] ** 2
 
 
 @dataclass(frozen=True)
 class DataSection:
-    kind: Literal["synthetic", "video"] = "synthetic"
+    kind: Literal["synthetic", "video", "latents"] = "synthetic"
     num_samples: int = 20000
     frames: int = 9
     size: tuple[int, int] = (32, 32)
     seed: int = 0
-    index: Optional[str] = None  # kind=video: OSP-Next index file
+    index: Optional[str] = None  # kind=video: OSP-Next index file; kind=latents: the corpus prepare_data.py encodes
     train_fps: int = 16
     buckets: list = field(default_factory=lambda: [[480, 832]])
     num_workers: int = 0
+    cache: Optional[str] = None  # kind=latents: the latent cache directory (recipes/prepare_data.py writes it)
 
     def __post_init__(self):
-        if self.kind not in ("synthetic", "video"):
-            raise ValueError(f"data.kind must be one of ['synthetic', 'video'], got {self.kind!r}")
+        if self.kind not in ("synthetic", "video", "latents"):
+            raise ValueError(f"data.kind must be one of ['synthetic', 'video', 'latents'], got {self.kind!r}")
         _int("data.num_samples", self.num_samples, 1, MAX_NUM_SAMPLES)
         _int("data.frames", self.frames, 1, 100_000)
         _hw("data.size", self.size)
@@ -129,6 +178,12 @@ class DataSection:
             _hw(f"data.buckets[{i}]", b)
         if self.kind == "video" and (not isinstance(self.index, str) or not self.index.strip()):
             raise ValueError(f"data.index must name the OSP-Next index file when data.kind is 'video', got {self.index!r}")
+        _opt_path("data.index", self.index)
+        if self.kind == "latents" and self.cache is None:
+            raise ValueError("data.cache must name the latent cache directory when data.kind is 'latents' (recipes/prepare_data.py writes it)")
+        _opt_path("data.cache", self.cache)
+        if self.cache is not None and self.kind != "latents":
+            raise ValueError(f"data.cache applies to data.kind 'latents' only, got data.kind {self.kind!r}")
         per_sample = 3 * self.frames * max(h * w for h, w in self.sizes()) * 4
         if per_sample > MAX_SAMPLE_BYTES:
             raise ValueError(
@@ -137,7 +192,8 @@ class DataSection:
             )
 
     def sizes(self) -> list[tuple[int, int]]:
-        """The (H, W) sizes a sample can have: ``size`` for synthetic data, the ``buckets`` for video."""
+        """The (H, W) sizes a sample can have: ``size`` for synthetic data, the ``buckets`` for video (and for the
+        videos a latent cache was made from)."""
         return [tuple(self.size)] if self.kind == "synthetic" else [tuple(b) for b in self.buckets]
 
 
@@ -265,10 +321,19 @@ class SFTConfig:
     def __post_init__(self):
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
-        dit_cfg, _, _ = derive_configs(self)  # model.* / text.* (ValueError naming the section)
         dc, S, U = self.data, self.parallel.skiparse_sp, self.parallel.ulysses_sp
+        for kind, key in ((self.text.kind, "text.kind"), (self.vae.kind, "vae.kind")):
+            if kind in ("umt5", "wan") and dc.kind != "latents":
+                raise ValueError(f"{key} {kind!r} is read through a latent cache: set data.kind: latents and data.cache, and "
+                                 f"write the cache with recipes/prepare_data.py (got data.kind {dc.kind!r})")  # fmt: skip
+        if dc.kind == "latents" and self.text.train:
+            raise ValueError("text.train must be false with data.kind 'latents': the cache holds fixed text features")
+        st, sh, sw = self.vae.stride
+        if (dc.frames - 1) % st:
+            raise ValueError(f"data.frames must be {st}k + 1 for vae.kind {self.vae.kind!r} (time stride {st}), got {dc.frames}")
+        dit_cfg, _, _ = derive_configs(self)  # model.* / text.* (ValueError naming the section)
         _, ph, pw = dit_cfg.patch_size
-        mh, mw = self.vae.spatial * ph, self.vae.spatial * pw
+        mh, mw = sh * ph, sw * pw
         key = "data.size" if dc.kind == "synthetic" else "data.buckets"
         for h, w in dc.sizes():
             if h % mh or w % mw:
@@ -287,7 +352,7 @@ class SFTConfig:
             state = ParallelState(ParallelConfig(S, U), S * U, 0, 1, 0, None, 0, None, 0, None, 0, None)
             pt = dit_cfg.patch_size[0]
             for h, w in dc.sizes():
-                grid = (max(1, dc.frames // pt), h // mh, w // mw)
+                grid = (max(1, ((dc.frames - 1) // st + 1) // pt), h // mh, w // mw)
                 try:
                     check_model_parallel(dit_cfg, state, grid)
                 except ValueError as e:
@@ -366,12 +431,12 @@ def join_params(dit: dict, text: dict) -> dict:
 
 
 def derive_configs(cfg: SFTConfig):
-    """(DiTConfig, TinyTextConfig, vae spec) of a recipe config; in_dim/out_dim follow the VAE, i2v the task."""
+    """(DiTConfig, TinyTextConfig or None for ``text.kind: umt5``, vae spec) of a recipe config; in_dim/out_dim
+    follow the VAE, i2v the task, text_len the text section (a UMT5's width must equal the DiT's text_dim)."""
     from ospfn.model import DiTConfig
     from ospfn.model.text import TinyTextConfig
-    from ospfn.model.vae import PixelVAE
 
-    vae = PixelVAE(cfg.vae.spatial)
+    vae = cfg.vae
     over = dict(cfg.model.overrides)
     for key in DERIVED_OVERRIDES:
         if key in over:
@@ -384,20 +449,78 @@ def derive_configs(cfg: SFTConfig):
         if unknown:
             raise ValueError(f"model.overrides.{unknown[0]} is not a DiTConfig field ({e})") from e
         raise ValueError(f"model.overrides (on preset {cfg.model.preset!r}): {e}") from e
-    try:
-        text_cfg = TinyTextConfig(text_dim=dit_cfg.text_dim, text_len=cfg.text.text_len, vocab=cfg.text.vocab, heads=cfg.text.heads)
-    except ValueError as e:
-        raise ValueError(f"text.heads / model text_dim: {e}") from e
-    return dit_cfg, text_cfg, {"kind": cfg.vae.kind, "spatial": cfg.vae.spatial}
+    if cfg.text.kind != "tiny":
+        text_cfg = None
+    else:
+        try:
+            text_cfg = TinyTextConfig(text_dim=dit_cfg.text_dim, text_len=cfg.text.text_len, vocab=cfg.text.vocab, heads=cfg.text.heads)
+        except ValueError as e:
+            raise ValueError(f"text.heads / model text_dim: {e}") from e
+    vae_spec = {"kind": "wan"} if vae.kind == "wan" else {"kind": "pixel", "spatial": vae.stride[1]}
+    return dit_cfg, text_cfg, vae_spec
+
+
+EXPORT_INFO = "ospfn_export.json"  # beside a DiT exported without its encoders (text.kind umt5 / vae.kind wan)
 
 
 def export_pipeline(cfg: SFTConfig, weights: dict, out, info: Optional[dict] = None):
-    """Write a pipeline directory from trainable weights with "dit." / "text." prefixes (e.g. the EMA)."""
+    """Write a pipeline directory from trainable weights with "dit." / "text." prefixes (e.g. the EMA).
+
+    With the tiny text encoder and the pixel VAE (any ``data.kind``) that is a complete ospfn pipeline
+    directory.  A run on a latent cache of the real encoders (``text.kind: umt5`` or ``vae.kind: wan``) writes
+    the DiT only (``config.json`` + ``diffusion_pytorch_model.safetensors``, Wan names, what
+    ``load_checkpoint`` reads) and ``ospfn_export.json``: the model type, the encoders' paths from the config
+    and the sampling defaults, to be combined with the Wan2.1 text encoder and VAE it was trained on."""
     from ospfn.pipeline import save_pipeline
 
     dit_cfg, text_cfg, vae = derive_configs(cfg)
     dit, text = split_params(weights)
-    defaults = {"frames": cfg.data.frames, "size": list(cfg.data.size)}
+    if cfg.data.kind == "latents":
+        size = list(cfg.data.sizes()[0])
+    else:
+        size = list(cfg.data.size)
+    defaults = {"frames": cfg.data.frames, "size": size}
     defaults.update({k: getattr(cfg.sample, k) for k in ("steps", "guidance", "shift", "fourier_ratio", "fps")})
-    return save_pipeline(out, cfg=dit_cfg, params=dit, text_params=text, text_cfg=text_cfg, vae=vae, defaults=defaults,
-                         info={**(info or {}), "config": cfg.to_dict()})  # fmt: skip
+    info = {**(info or {}), "config": cfg.to_dict()}
+    if cfg.text.kind == "tiny" and cfg.vae.kind == "pixel":
+        return save_pipeline(out, cfg=dit_cfg, params=dit, text_params=text, text_cfg=text_cfg, vae=vae, defaults=defaults, info=info)
+    return _export_dit(cfg, dit_cfg, dit, text, Path(out), defaults, info)
+
+
+def model_type(dit_cfg) -> str:
+    """The pipeline model type of a DiT config: "flashi2v", "osp-next" (the dual_end Skiparse schedule) or "wan"."""
+    if dit_cfg.i2v == "flashi2v":
+        return "flashi2v"
+    return "osp-next" if dit_cfg.skiparse_model_type == "dual_end" else "wan"
+
+
+def _export_dit(cfg: SFTConfig, dit_cfg, dit: dict, text: dict, out: Path, defaults: dict, info: dict) -> Path:
+    import json
+
+    from ospfn._fs import write_text_atomic
+    from ospfn.model.checkpoint import save_checkpoint
+    from ospfn.model.params import param_shapes
+
+    want = param_shapes(dit_cfg)
+    if set(dit) != set(want) or any(tuple(dit[k].shape) != want[k] for k in want):
+        raise ValueError(f"export_pipeline: the DiT weights do not match {cfg.model.preset!r} with the config's overrides: "
+                         f"missing {sorted(set(want) - set(dit))[:5]}, unexpected {sorted(set(dit) - set(want))[:5]}")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(dit, out, cfg=dit_cfg)
+    if cfg.text.kind == "tiny":  # its (frozen) weights were part of the run: they travel with the DiT
+        from ospfn._fs import atomic_path
+        from safetensors.torch import save_file
+
+        with atomic_path(out / "text_encoder.safetensors") as tmp:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in text.items()}, tmp)
+        te = {"kind": "tiny", "file": "text_encoder.safetensors", "text_dim": dit_cfg.text_dim, "text_len": cfg.text.text_len,
+              "vocab": cfg.text.vocab, "heads": cfg.text.heads}  # fmt: skip
+    else:
+        te = {"kind": cfg.text.kind, "path": cfg.text.path, "tokenizer": cfg.text.tokenizer, "text_len": cfg.text.text_len}
+    encoders = {
+        "text_encoder": te,
+        "vae": {"kind": cfg.vae.kind, "path": cfg.vae.path} if cfg.vae.kind == "wan" else {"kind": "pixel", "spatial": cfg.vae.stride[1]},
+    }  # fmt: skip
+    meta = {"model_type": model_type(dit_cfg), **encoders, "defaults": defaults, "info": info}
+    write_text_atomic(out / EXPORT_INFO, json.dumps(meta, indent=2) + "\n")
+    return out

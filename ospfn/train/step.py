@@ -227,12 +227,15 @@ class Trainer:
         lo = self.dp_rank * tc.batch_size
         idx = sample_order(len(dataset), dc.seed, self.pos, gb)[lo : lo + tc.batch_size]
         self.pos += gb
-        items = [dataset[i] for i in idx]
-        videos = torch.stack([it["video"] for it in items]).to(self.device)
-        with torch.no_grad():
-            z0 = vae.encode(videos)
-            s = vae.encode(videos[:, :, :1]) if self.parts.dit_cfg.i2v == "flashi2v" else None
-        ctx, empty = self.encode_text([it["caption"] for it in items])
+        if getattr(dataset, "is_latent_cache", False):  # data.kind latents: what the encoders made, read back
+            z0, s, ctx, empty = self.cached_batch(idx)
+        else:
+            items = [dataset[i] for i in idx]
+            videos = torch.stack([it["video"] for it in items]).to(self.device)
+            with torch.no_grad():
+                z0 = vae.encode(videos)
+                s = vae.encode(videos[:, :, :1]) if self.parts.dit_cfg.i2v == "flashi2v" else None
+            ctx, empty = self.encode_text([it["caption"] for it in items])
         from ospfn.sched import flow_matching_loss
 
         with self.autocast():
@@ -241,6 +244,26 @@ class Trainer:
                 text_drop=tc.text_drop, cond_image_latent=s, ratio_range=tc.ratio_range, shift=tc.shift,
                 logit_normal=tc.logit_normal, forward_fn=self.forward, global_batch=gb, batch_offset=lo,
             )  # fmt: skip
+
+    def cached_batch(self, idx: list[int]) -> tuple:
+        """(z0, first-frame latents or None, text features, empty-prompt features) of the latent-cache samples
+        ``idx``, on this run's device: the tensors ``micro_loss`` computes from videos, as
+        ``recipes/prepare_data.py`` stored them.  A shard that cannot be read raises ``RunError``."""
+        from ospfn.data.latents import LatentCacheError
+
+        try:
+            items = [self.parts.dataset[i] for i in idx]
+        except (LatentCacheError, OSError) as e:
+            raise RunError(f"step {self.step + 1}: cannot read the latent cache: {e}") from e
+        shapes = {tuple(it["latent"].shape) for it in items}
+        if len(shapes) > 1:
+            raise RunError(f"step {self.step + 1}: the micro-batch mixes latent shapes {sorted(shapes)} (samples {idx} of "
+                           f"{self.cfg.data.cache}, from different buckets); use train.batch_size 1 or one bucket")  # fmt: skip
+        dev = self.device
+        z0 = torch.stack([it["latent"] for it in items]).to(dev)
+        s = torch.stack([it["cond"] for it in items]).to(dev) if self.parts.dit_cfg.i2v == "flashi2v" else None
+        ctx = torch.stack([it["context"] for it in items]).to(dev)
+        return z0, s, ctx, self.parts.dataset.empty_context.to(dev)
 
     def clip_grads(self) -> tuple[float, float]:
         """Clip the gradients in place: (norm before clipping, threshold)."""
