@@ -111,16 +111,20 @@ def launch_device(device: Optional[str] = None) -> tuple[str, str]:
     return device, _BACKEND_OF[device]
 
 
-def _world_from_env() -> int:
+def world_from_env(default: Optional[int] = None, *, where: str = "init_parallel") -> int:
+    """torchrun's ``WORLD_SIZE`` as a positive int (``default`` when unset; without a default an unset
+    variable is a ``RuntimeError``); a malformed value is a ``ValueError`` naming ``where``."""
     text = os.environ.get("WORLD_SIZE")
     if text is None:
-        raise RuntimeError("init_parallel: torch.distributed is not initialised and WORLD_SIZE is unset; launch with torchrun")
+        if default is not None:
+            return default
+        raise RuntimeError(f"{where}: torch.distributed is not initialised and WORLD_SIZE is unset; launch with torchrun")
     try:
         world = int(text)
     except ValueError:
         world = 0
     if world < 1:
-        raise ValueError(f"init_parallel: WORLD_SIZE must be a positive int (set by torchrun), got {text!r}")
+        raise ValueError(f"{where}: WORLD_SIZE must be a positive int (set by torchrun), got {text!r}")
     return world
 
 
@@ -144,7 +148,7 @@ def init_parallel(config: ParallelConfig, *, backend: Optional[str] = None, devi
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"init_parallel: config must be a ParallelConfig, got {type(config).__name__}")
     if not dist.is_initialized():
-        _check_world(_world_from_env(), config)  # before the rendezvous: every rank sees the same environment
+        _check_world(world_from_env(), config)  # before the rendezvous: every rank sees the same environment
         device, default_backend = launch_device(device)
         backend = backend or default_backend
         dist.init_process_group(backend)

@@ -18,7 +18,6 @@ bf16`` autocasts on that device type.  Under torchrun each rank's device comes f
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -290,14 +289,12 @@ def _check_resume_config(saved, cfg, path) -> None:
 
 def launch_world() -> int:
     """The number of processes of this launch (torchrun's ``WORLD_SIZE``; 1 without torchrun)."""
-    text = os.environ.get("WORLD_SIZE", "1")
+    from ospfn.parallel.mesh import world_from_env
+
     try:
-        world = int(text)
-    except ValueError:
-        world = 0
-    if world < 1:
-        raise TrainError(f"WORLD_SIZE must be a positive int (set by torchrun), got {text!r}")
-    return world
+        return world_from_env(1, where="train")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def check_launch(cfg, world: int) -> None:

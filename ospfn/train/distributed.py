@@ -31,6 +31,7 @@ from ospfn.model.checkpoint import CheckpointError
 from ospfn.train.build import TrainError
 from ospfn.train.sft import export_pipeline
 from ospfn.train.step import RunError, RunParts, Trainer
+from ospfn.train.state import install_checkpoint
 
 __all__ = ["TextModule", "TrainModules", "shard", "ShardedEMA", "save_dcp", "load_dcp", "latest_dcp", "check_dcp", "FSDPTrainer",
            "DCPCheckpointError"]  # fmt: skip
@@ -226,14 +227,7 @@ def save_dcp(out_dir, step: int, modules: TrainModules, optimizer, ema: ShardedE
     if dist.get_rank() == 0:
         try:
             write_text_atomic(tmp / "train_state.json", json.dumps(extra))
-            if final.exists():  # re-saving a step: move the old one aside (swept if we die before removing it)
-                old = out_dir / f".ckpt-{step:08d}.old-{os.getpid()}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            install_checkpoint(tmp, final)
             write_text_atomic(out_dir / "latest", final.name + "\n")
             ckpts = sorted(p for p in out_dir.glob("ckpt-*") if p.is_dir())
             for gone in ckpts[: max(0, len(ckpts) - keep)]:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ospfn._fs import default_file_mode, pid_alive, stale_temporaries, write_text_atomic
 from ospfn.model.checkpoint import CheckpointError, CheckpointMissingError, read_safetensors, torch_load
 
-__all__ = ["save_train_state", "load_train_state", "latest_checkpoint", "sweep_stale_temporaries"]
+__all__ = ["install_checkpoint", "save_train_state", "load_train_state", "latest_checkpoint", "sweep_stale_temporaries"]
 
 _CKPT = re.compile(r"^ckpt-\d+$")
 _TMP = re.compile(r"^\.ckpt-\d+\.(?:tmp|old)-(?P<pid>\d+)$")  # temporary (being written) / replaced (being removed)
@@ -69,6 +69,20 @@ def _fsync_and_chmod(path: Path, mode: int) -> None:
         os.fsync(fh.fileno())
 
 
+def install_checkpoint(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary checkpoint directory ``tmp`` to ``final`` (``<out_dir>/ckpt-<step>``).
+    Re-saving a step moves the old directory aside first (``.ckpt-<step>.old-<pid>``, swept if we die before
+    removing it), so at every instant one complete checkpoint of that step exists."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
 def save_train_state(
     out_dir,
     step: int,
@@ -105,14 +119,7 @@ def save_train_state(
         torch.save({"step": step, **(state or {})}, tmp / "state.pt")
         for f in tmp.iterdir():
             _fsync_and_chmod(f, mode)
-        if final.exists():  # re-saving a step: move the old one aside (swept if we die before removing it)
-            old = out_dir / f".ckpt-{step:08d}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        install_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
