@@ -106,8 +106,9 @@ class Generator:
         self.neg = d["negative_prompt"]
         self.branches = 2 if self.guidance != 1.0 else 1  # sample() runs the unconditional branch only with guidance
 
-    def __call__(self, seed: int, *, cache: TeaCache | None = None, steps: int | None = None):
-        """(video [3, F, H, W], whole time, sampling time, whole CPU time)."""
+    def __call__(self, seed: int, *, cache: TeaCache | None = None, steps: int | None = None, forward_fn=None):
+        """(video [3, F, H, W], whole time, sampling time, whole CPU time); ``forward_fn`` replaces the model
+        call (``bench_cfg_batch.py`` runs the guidance branches as two passes this way)."""
         pipe = self.pipe
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
@@ -122,7 +123,7 @@ class Generator:
             z = sample(
                 pipe.params, pipe.cfg, noise=noise, context=ctx, neg_context=neg, guidance=self.guidance,
                 steps=self.steps if steps is None else steps, shift=self.shift, cond_image_latent=cond,
-                fourier_ratio=self.ratio, forward_fn=None if cache is None else cache.wrap(M.forward),
+                fourier_ratio=self.ratio, forward_fn=forward_fn if cache is None else cache.wrap(forward_fn or M.forward),
             )  # fmt: skip
             _sync(pipe.device)
             t2 = time.perf_counter()
