@@ -509,3 +509,33 @@ def test_wan_original_layout_generates_the_diffusers_layout_video(loaded, wan):
     vf = fi.generate("a red fox", image, latents=latents, steps=2)
     assert fi.last_info["scheduler"] == "euler"
     assert torch.equal(vf, vt), float((vf - vt).abs().max())
+
+
+def test_osp_next_video_is_the_masked_dense_reference_video(wan):
+    """The OSP-Next model type generates the video of the dual_end model as the independent masked-dense
+    reference forward (tests/dit_reference.py) computes it, through the same sampler and VAE."""
+    from dit_reference import reference_forward
+
+    from ospfn.sched import sample
+
+    _, ddir, _ = wan
+    p = load_pipeline(ddir, model_type="osp-next")
+    cfg = p.cfg
+    latents = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))  # 5 frames of 32x32
+    video = p.generate("a red fox", latents=latents, steps=2, guidance=3.0)
+
+    def ref_forward(params, _cfg, x, t, context, *, image=None, run=None):
+        return reference_forward(
+            params, dim=cfg.dim, heads=cfg.num_heads, num_layers=cfg.num_layers, patch=cfg.patch_size, eps=cfg.eps,
+            model_type=cfg.skiparse_model_type, ratio=cfg.sparse_ratio, num_full=cfg.num_full_blocks, x=x, t=t, ctx=context,
+        )  # fmt: skip
+
+    ctx, neg = p.encode_prompts(["a red fox"]), p.encode_prompts([p.defaults["negative_prompt"]])
+    z = sample(p.params, cfg, noise=latents, context=ctx, neg_context=neg, guidance=3.0, steps=2, shift=p.defaults["shift"],
+               forward_fn=ref_forward)  # fmt: skip
+    want = p.vae.decode(z)[0].clamp(-1, 1)
+    assert video.shape == want.shape == (3, 5, 32, 32)
+    torch.testing.assert_close(video, want, rtol=1e-4, atol=1e-5)
+    # and the sparse schedule is in effect: the dense model's video from the same noise differs
+    dense = load_pipeline(ddir, model_type="wan").generate("a red fox", latents=latents, steps=2, guidance=3.0, scheduler="euler", shift=p.defaults["shift"])
+    assert (dense - video).abs().max() > 1e-3
