@@ -48,10 +48,10 @@ import time
 import torch
 
 try:
-    from conftest import cpu_name
+    from conftest import cpu_name, device_name, sync
 except ImportError:  # imported from elsewhere
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from conftest import cpu_name
+    from conftest import cpu_name, device_name, sync
 
 import ospfn.model as M
 from ospfn.model.flops import forward_flops
@@ -74,17 +74,6 @@ def configs(layers: int):
     nf = base.num_full_blocks if layers == base.num_layers else min(base.num_full_blocks, (layers // 2) // 4 * 4)
     dual = base.replace(num_layers=layers, num_full_blocks=nf)
     return dual, dual.replace(skiparse_model_type="full", num_full_blocks=0)
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(cfg, params, grid, device, seed=0):
@@ -116,7 +105,7 @@ def timed(fn) -> tuple[float, float]:
 def measure(device: torch.device, layers: int, grid: tuple, dtype: torch.dtype, rounds: int, log=print) -> dict:
     dual, full = configs(layers)
     log(f"{PRESET}: {layers} layers ({dual.num_full_blocks} full in dual_end), dim {dual.dim}, grid {grid} = "
-        f"{grid[0] * grid[1] * grid[2]} tokens x CFG batch 2, text {TEXT_LEN}, {dtype}, on {device_label(device)}")  # fmt: skip
+        f"{grid[0] * grid[1] * grid[2]} tokens x CFG batch 2, text {TEXT_LEN}, {dtype}, on {device_name(device)}")  # fmt: skip
     t0 = time.perf_counter()
     params = M.init_params(dual, seed=0, dtype=dtype, device=device)
     log(f"  weights: {sum(v.numel() for v in params.values()) / 1e6:.0f} M parameters ({time.perf_counter() - t0:.1f} s)")
@@ -136,7 +125,7 @@ def measure(device: torch.device, layers: int, grid: tuple, dtype: torch.dtype, 
     f_full = forward_flops(full, grid, TEXT_LEN)["total"]
     f_dual = forward_flops(dual, grid, TEXT_LEN)["total"]
     res = {
-        "device": device_label(device), "device_type": device.type, "layers": layers, "num_full_blocks": dual.num_full_blocks,
+        "device": device_name(device), "device_type": device.type, "layers": layers, "num_full_blocks": dual.num_full_blocks,
         "grid": list(grid), "tokens": grid[0] * grid[1] * grid[2], "text_len": TEXT_LEN, "dtype": str(dtype).replace("torch.", ""),
         "rounds": rounds, "times": times, "cpu_times": cpu, "paired": paired, "ratio": statistics.median(paired),
         "ratio_of_min": min(times["full"]) / min(times["dual_end"]), "flops_ratio": f_full / f_dual,

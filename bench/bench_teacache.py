@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from conftest import cpu_name  # noqa: E402
+from conftest import cpu_name, sync  # noqa: E402
 
 import ospfn.model as M  # noqa: E402
 from ospfn.io import read_image  # noqa: E402
@@ -125,19 +125,11 @@ class Generator:
                 steps=self.steps if steps is None else steps, shift=self.shift, cond_image_latent=cond,
                 fourier_ratio=self.ratio, forward_fn=forward_fn if cache is None else cache.wrap(forward_fn or M.forward),
             )  # fmt: skip
-            _sync(pipe.device)
+            sync(pipe.device)
             t2 = time.perf_counter()
             video = pipe.vae.decode(z)[0].clamp(-1, 1)
-            _sync(pipe.device)
+            sync(pipe.device)
         return video.cpu(), time.perf_counter() - t0, t2 - t1, time.process_time() - c0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def run(seeds, rounds, thresholds, presets, device, log=print) -> dict:
