@@ -81,6 +81,8 @@ class Pipeline:
     ``VideoVAE`` (``PixelVAE`` or ``ospfn.model.wan_vae.WanVAE``); ``vae_spec`` describes the VAE (``{"kind":
     "pixel", ...}``, ``{"kind": "wan"}``).  ``model_type`` names the model family (``"wan"``, ``"osp-next"``,
     ``"flashi2v"`` or ``"ospfn"`` for ospfn's own tiny models) and ``info`` holds what the loader recorded.
+    ``text_offload`` (``"none"``, ``"cpu"``, ``"release"``): what ``generate`` does with an encoder that can be
+    offloaded (UMT5) once the prompts are encoded, before the DiT runs (see ``load_pipeline``).
     ``generate`` runs on the device the DiT parameters live on (``load_pipeline(device=...)``); the noise is
     drawn on the CPU from ``seed``, so a seed gives the same video on every device (up to the device's
     rounding).  After each ``generate``, ``last_info`` describes the run (steps, scheduler, TeaCache skips).
@@ -94,11 +96,15 @@ class Pipeline:
     defaults: dict = field(default_factory=lambda: dict(DEFAULTS))
     model_type: str = "ospfn"
     info: dict = field(default_factory=dict)
+    text_offload: str = "none"
     last_info: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _text_home: Optional[torch.device] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or self.model_type not in MODEL_TYPES:
             raise ValueError(f"Pipeline: model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r:.80}")
+        if not isinstance(self.text_offload, str) or self.text_offload not in TEXT_OFFLOAD:
+            raise ValueError(f"Pipeline: text_offload must be one of {list(TEXT_OFFLOAD)}, got {self.text_offload!r:.80}")
         for name in ("defaults", "info", "vae_spec"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"Pipeline: {name} must be a dict, got {type(getattr(self, name)).__name__}")
@@ -147,6 +153,23 @@ class Pipeline:
             raise ValueError(f"{fn}: image values must be in [-1, 1], got min {lo:g}, max {hi:g} (a 0..255 image must be "
                              "torch.uint8)")  # fmt: skip
         return img.clamp(-1, 1)
+
+    def _encode_for_run(self, prompts: list[str], negs: Optional[list[str]], dev: torch.device):
+        """(context, negative context or None) on ``dev``; with ``text_offload`` the encoder is brought back to its
+        device first (after an earlier "cpu" offload) and offloaded / released afterwards, before the DiT runs."""
+        offloadable = self.text_offload != "none" and callable(getattr(self.text, "offload", None))
+        if offloadable and self._text_home is not None:
+            self.text.to(self._text_home)
+        ctx = self.encode_prompts(prompts).to(dev)
+        neg_ctx = self.encode_prompts(negs).to(dev) if negs is not None else None
+        if offloadable:
+            home = self.text.device
+            if self.text_offload == "cpu":
+                self.text.offload()
+                self._text_home = home
+            else:
+                self.text.release()
+        return ctx, neg_ctx
 
     @torch.no_grad()
     def generate(
@@ -340,8 +363,7 @@ class Pipeline:
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev)
         else:
             noise = latents.detach().to(device=dev, dtype=torch.float32).expand(shape).clone()
-        ctx = self.encode_prompts(prompts).to(dev)
-        neg_ctx = self.encode_prompts(negs).to(dev) if use_cfg else None
+        ctx, neg_ctx = self._encode_for_run(prompts, negs if use_cfg else None, dev)
         cond = None
         if cond_images is not None:
             cond = self.vae.encode(cond_images[:, :, None]).to(dev)
@@ -459,7 +481,9 @@ WAN_NEGATIVE_PROMPT = (
     "杂乱的背景，三条腿，背景人很多，倒着走"
 )  # fmt: skip  # noqa: RUF001 (full-width commas are part of the prompt)
 
-LAYOUTS = ("diffusers", "wan", "ospfn")
+LAYOUTS = ("diffusers", "wan", "ospfn", "export")
+EXPORT_FILE = "ospfn_export.json"  # what recipes/train.py writes beside a DiT trained on the real encoders
+TEXT_OFFLOAD = ("none", "cpu", "release")  # what generate does with the text encoder once the prompts are encoded
 LOAD_MODEL_TYPES = ("wan", "osp-next", "flashi2v")  # what load_pipeline(model_type=...) accepts
 
 # the sampling defaults of a Wan-family pipeline (diffusers' WanPipeline at 480p); "shift" and "scheduler" come
@@ -489,9 +513,10 @@ def _listing(path: Path, limit: int = 12) -> str:
 
 
 def detect_layout(path) -> str:
-    """The layout of a pipeline directory: ``"ospfn"`` (``pipeline.json``), ``"diffusers"`` (``model_index.json``)
-    or ``"wan"`` (Wan original files: ``models_t5_umt5-xxl-enc-bf16.pth``, ``Wan2.1_VAE.pth`` or a ``WanModel``
-    ``config.json``).  ``FileNotFoundError`` naming what the directory holds when none matches."""
+    """The layout of a pipeline directory: ``"ospfn"`` (``pipeline.json``), ``"export"`` (``ospfn_export.json``: a
+    DiT trained by ``recipes/train.py`` on the real encoders, which it names), ``"diffusers"``
+    (``model_index.json``) or ``"wan"`` (Wan original files: ``models_t5_umt5-xxl-enc-bf16.pth``,
+    ``Wan2.1_VAE.pth`` or a ``WanModel`` ``config.json``).  ``FileNotFoundError`` naming what the directory holds when none matches."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"detect_layout: path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
@@ -502,6 +527,8 @@ def detect_layout(path) -> str:
                                 "directory of a pipeline, and a DiT checkpoint file as dit=")  # fmt: skip
     if (path / "pipeline.json").is_file():
         return "ospfn"
+    if (path / EXPORT_FILE).is_file():
+        return "export"
     if (path / "model_index.json").is_file():
         return "diffusers"
     if (path / WAN_T5_FILE).is_file() or (path / WAN_VAE_FILE).is_file():
@@ -675,6 +702,86 @@ def _load_ospfn_layout(path: Path, who: str) -> dict:
             "vae": vae, "text_weights": text_w, "text_cfg": tcfg, "info": dict(meta.get("info", {}))}  # fmt: skip
 
 
+def _load_export_layout(path: Path, who: str) -> dict:
+    """Cheap checks of a training export (``ospfn_export.json`` + the DiT's ``config.json`` and weights): the
+    encoders it names are read later (``_export_encoders``)."""
+    meta_file = path / EXPORT_FILE
+    meta = _read_json_object(meta_file, EXPORT_FILE)
+    unknown = set(meta) - {"model_type", "text_encoder", "vae", "defaults", "info"}
+    if unknown:
+        raise CheckpointError(f"{who}: unknown key(s) {sorted(unknown)} in {meta_file}; allowed: defaults, info, model_type, "
+                              "text_encoder, vae")  # fmt: skip
+    te, vae = meta.get("text_encoder"), meta.get("vae")
+    if not isinstance(te, dict) or te.get("kind") not in ("tiny", "umt5"):
+        raise CheckpointError(f"{who}: {meta_file}: text_encoder must be an object with kind 'tiny' or 'umt5', got {te!r:.80}")
+    if not isinstance(vae, dict) or vae.get("kind") not in ("pixel", "wan"):
+        raise CheckpointError(f"{who}: {meta_file}: vae must be an object with kind 'pixel' or 'wan', got {vae!r:.80}")
+    if meta.get("model_type", "flashi2v") not in LOAD_MODEL_TYPES:
+        raise CheckpointError(f"{who}: {meta_file}: model_type must be one of {list(LOAD_MODEL_TYPES)}, got {meta['model_type']!r:.80}")
+    base = WAN_DEFAULTS if te["kind"] == "umt5" else DEFAULTS  # a model on UMT5 is a Wan-family model: Wan's negative prompt
+    defaults = _pipeline_defaults({**{k: base[k] for k in ("negative_prompt",)}, "scheduler": "euler", **meta.get("defaults", {})},
+                                  f"{who}: {meta_file}", CheckpointError)  # fmt: skip
+    absent = [n for n in ("config.json", "diffusion_pytorch_model.safetensors") if not (path / n).is_file()]
+    if absent:
+        raise CheckpointMissingError(f"{who}: {path} lacks {absent}: an incomplete export")
+    spec = {"kind": "wan"} if vae["kind"] == "wan" else {k: v for k, v in vae.items() if k in ("kind", "spatial")}
+    return {"cfg": load_config(path / "config.json"), "dit": path / "diffusion_pytorch_model.safetensors", "defaults": defaults,
+            "vae_spec": spec, "meta": meta, "info": dict(meta.get("info", {}) if isinstance(meta.get("info"), dict) else {}),
+            "model_type": meta.get("model_type")}  # fmt: skip
+
+
+def _export_encoders(parts: dict, path: Path, dev, text_dev, text_dtype, who: str):
+    """(text encoder, VAE) of a training export: the tiny encoder saved beside the DiT, or the UMT5 / Wan VAE
+    files the training config named (``text.path`` / ``vae.path``)."""
+    meta = parts["meta"]
+    te, vs = meta["text_encoder"], meta["vae"]
+    redirect = f"(or load the Wan2.1 pipeline it was trained from with this DiT on top: load_pipeline(<Wan2.1 dir>, dit={str(path)!r}))"
+
+    def source(spec, what):
+        p = spec.get("path")
+        if not isinstance(p, str) or not p:
+            raise CheckpointError(f"{who}: {path / EXPORT_FILE}: {what}.path must name the weights the model was trained with, got {p!r:.80}")
+        if not Path(p).exists():
+            raise CheckpointMissingError(f"{who}: the {what} named by {path / EXPORT_FILE} is not here: {p} {redirect}")
+        return Path(p)
+
+    if te["kind"] == "tiny":
+        if text_dtype is not None:
+            raise ValueError(f"{who}: text_dtype is for the UMT5 encoder of Wan-family pipelines; the tiny text encoder of {path} runs in fp32")
+        try:
+            tcfg = TinyTextConfig(**{k: v for k, v in te.items() if k in ("text_dim", "text_len", "vocab", "heads")})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{who}: {path / EXPORT_FILE}: text_encoder: {e}") from None
+        f = path / str(te.get("file", "text_encoder.safetensors"))
+        if not f.is_file():
+            raise CheckpointMissingError(f"{who}: {path} lacks {f.name}, the tiny text encoder {path / EXPORT_FILE} names")
+        w = read_safetensors(f)
+        _check_text_weights(w, tcfg, f"{who}: {f}", CheckpointError)
+        text = TinyTextEncoder({k: v.float().to(text_dev) for k, v in w.items()}, tcfg)
+    else:
+        from ospfn.model.umt5 import UMT5TextEncoder
+
+        p, tok = source(te, "text_encoder"), te.get("tokenizer")
+        text_len = te.get("text_len", parts["cfg"].text_len)
+        if p.is_dir():
+            text = UMT5TextEncoder.from_pretrained(p, tokenizer=tok, dtype=text_dtype, device=text_dev, text_len=text_len)
+        elif tok is None:
+            raise CheckpointError(f"{who}: {path / EXPORT_FILE}: the UMT5 file {p} needs text_encoder.tokenizer (the google/umt5-xxl folder)")
+        else:
+            text = UMT5TextEncoder.from_wan(p, tok, dtype=text_dtype, device=text_dev, text_len=text_len)
+    if vs["kind"] == "pixel":
+        try:
+            vae = _make_vae(parts["vae_spec"])
+        except ValueError as e:
+            raise CheckpointError(f"{who}: {path / EXPORT_FILE}: {e}") from None
+    else:
+        from ospfn.model.wan_vae import WanVAE
+
+        p = source(vs, "vae")
+        vae = WanVAE.from_pretrained(p, device=dev) if p.is_dir() else WanVAE.from_wan(p, device=dev)
+    return text, vae
+
+
 def _apply_model_type(cfg: DiTConfig, model_type: Optional[str], shapes: dict, source: Path, who: str) -> tuple[DiTConfig, bool]:
     """The DiT config for ``model_type`` on top of ``cfg`` and whether the FlashI2V branches must be created
     (the weights hold none), from the names and shapes of the DiT's weights (``shapes``)."""
@@ -700,7 +807,7 @@ def _apply_model_type(cfg: DiTConfig, model_type: Optional[str], shapes: dict, s
 
 
 def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, dtype: Optional[torch.dtype] = None,
-                  device=None, text_device=None, text_dtype=None, vae_config=None) -> Pipeline:  # fmt: skip
+                  device=None, text_device=None, text_dtype=None, vae_config=None, text_offload: str = "none") -> Pipeline:  # fmt: skip
     """Load a pipeline from a directory in one of three layouts (default: the bundled tiny FlashI2V model).
 
     * ``"diffusers"``: a diffusers Wan pipeline (``model_index.json``, ``transformer/``, ``vae/``,
@@ -709,7 +816,13 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
       the sampling shift and scheduler from ``scheduler/scheduler_config.json``;
     * ``"wan"``: a Wan original directory (``config.json``, the DiT shards and index, ``models_t5_umt5-xxl-enc-
       bf16.pth``, ``Wan2.1_VAE.pth``, ``google/umt5-xxl/``; e.g. ``Wan-AI/Wan2.1-T2V-14B``);
-    * ``"ospfn"``: ospfn's own directory (``pipeline.json``; the bundled model, ``recipes/train.py`` exports).
+    * ``"ospfn"``: ospfn's own directory (``pipeline.json``; the bundled model, ``recipes/train.py`` exports of
+      the tiny encoders);
+    * ``"export"``: what ``recipes/train.py`` exports from a run on the real encoders (``ospfn_export.json``
+      beside the DiT's ``config.json`` and weights): the UMT5 encoder and the Wan VAE are read from the paths
+      the training config named (``text.path`` / ``vae.path``; when they are not on this machine, load the
+      Wan2.1 pipeline with the DiT on top: ``load_pipeline(<Wan2.1 dir>, dit=<export dir>)``), the sampling
+      defaults are the run's.
 
     The layout is recognised from the files (``detect_layout``).  ``dit`` (a path ``load_checkpoint`` reads: an
     OSP-Next ``model.pt`` or DCP directory, FlashI2V safetensors, ...) replaces the layout's DiT weights; its
@@ -730,8 +843,10 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
 
     ``dtype`` / ``device`` place the DiT (None: the stored dtype, the CPU); the VAE is fp32 on ``device``; the
     text encoder lives on ``text_device`` (None: ``device``) in ``text_dtype`` (None: the stored dtype; UMT5
-    only).  The encoder can be moved off the accelerator or dropped after use: ``pipe.text.offload()`` /
-    ``pipe.text.release()``.  ``vae_config``: the ``AutoencoderKLWan`` arguments of a Wan original directory's
+    only).  ``text_offload`` says what ``generate`` does with the UMT5 encoder once the prompts are encoded,
+    before the DiT runs: ``"none"`` (keep it where it is), ``"cpu"`` (move it to the CPU; the next ``generate``
+    moves it back first) or ``"release"`` (drop it: for one-shot scripts; a later ``generate`` raises).  The
+    tiny text encoder has nothing to offload.  By hand: ``pipe.text.offload()`` / ``pipe.text.release()``.  ``vae_config``: the ``AutoencoderKLWan`` arguments of a Wan original directory's
     VAE file when it is not the released Wan2.1 VAE (dict, config.json or a directory holding one).
 
     Everything cheap is checked before any weights are read (files present, configs valid and in agreement,
@@ -756,7 +871,9 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
         raise ValueError(f"{who}: vae_config is for the VAE file of a Wan original directory; {path} is a {layout} pipeline")
     if text_dtype is not None and layout == "ospfn":
         raise ValueError(f"{who}: text_dtype is for the UMT5 encoder of Wan-family pipelines; the tiny text encoder of {path} runs in fp32")
-    load = {"diffusers": _load_diffusers_layout, "wan": _load_wan_layout, "ospfn": _load_ospfn_layout}[layout]
+    if not isinstance(text_offload, str) or text_offload not in TEXT_OFFLOAD:
+        raise ValueError(f"{who}: text_offload must be one of {list(TEXT_OFFLOAD)}, got {text_offload!r:.80}")
+    load = {"diffusers": _load_diffusers_layout, "wan": _load_wan_layout, "ospfn": _load_ospfn_layout, "export": _load_export_layout}[layout]
     parts = load(path, who)
 
     cfg, source = parts["cfg"], parts["dit"]
@@ -777,6 +894,12 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
                                   f"does not fit the pipeline's text encoder (text_dim {tcfg.text_dim}) and vae "
                                   f"({vae.latent_channels} latent channels)")  # fmt: skip
         text = TinyTextEncoder({k: v.to(text_dev) for k, v in parts["text_weights"].items()}, tcfg)
+    elif layout == "export":
+        text, vae = _export_encoders(parts, path, dev, text_dev, text_dtype, who)
+        if text.text_dim != cfg.text_dim or (cfg.in_dim, cfg.out_dim) != (vae.latent_channels,) * 2:
+            raise CheckpointError(f"{who}: the DiT config of {source} (text_dim {cfg.text_dim}, in/out_dim {cfg.in_dim}/{cfg.out_dim}) "
+                                  f"does not fit the encoders {path / EXPORT_FILE} names (text_dim {text.text_dim}, "
+                                  f"{vae.latent_channels} latent channels)")  # fmt: skip
     else:
         vae_channels = 16  # AutoencoderKLWan's z_dim; checked again on the loaded VAE
         if (cfg.in_dim, cfg.out_dim) != (vae_channels, vae_channels):
@@ -800,14 +923,21 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
                                   f"{source} has in_dim {cfg.in_dim}")  # fmt: skip
     params = load_checkpoint(source, cfg, dtype=dtype, device=dev, init_missing="flashi2v" if create_branches else None)
 
-    kind = model_type if model_type is not None else ("ospfn" if layout == "ospfn" else "flashi2v" if cfg.i2v == "flashi2v" else "wan")
+    if model_type is not None:
+        kind = model_type
+    elif layout == "ospfn":
+        kind = "ospfn"
+    elif layout == "export":
+        kind = "flashi2v" if cfg.i2v == "flashi2v" else ("osp-next" if cfg.skiparse_model_type == "dual_end" else "wan")
+    else:
+        kind = "flashi2v" if cfg.i2v == "flashi2v" else "wan"
     defaults = parts["defaults"]
-    if layout != "ospfn" and kind in ("osp-next", "flashi2v"):
+    if layout in ("diffusers", "wan") and kind in ("osp-next", "flashi2v"):
         defaults = {**defaults, **_METHOD_SAMPLING}
     info = {**parts.get("info", {}), "layout": layout, "path": str(path), "dit": None if dit is None else str(dit),
             "flashi2v_branches": None if cfg.i2v != "flashi2v" else ("initialised" if create_branches else "loaded")}  # fmt: skip
     return Pipeline(cfg=cfg, params=params, text=text, vae=vae, vae_spec=parts["vae_spec"], defaults=defaults,
-                    model_type=kind, info=info)  # fmt: skip
+                    model_type=kind, info=info, text_offload=text_offload)  # fmt: skip
 
 
 def save_pipeline(path, *, cfg: DiTConfig, params: dict, text_params: dict, text_cfg: TinyTextConfig, vae: dict,

@@ -98,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=c["scale"], default=8, help="nearest-neighbour upscaling of the written files, 1..64")
     p.add_argument("--device", type=c["device"], default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype of the DiT (default fp32)")
+    p.add_argument("--text-offload", choices=["none", "cpu", "release"], default=None,
+                   help="what to do with the UMT5 encoder once the prompts are encoded, before the DiT runs (default: cpu on "
+                        "an accelerator, none on the CPU; the tiny encoder has nothing to offload)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -220,7 +223,8 @@ def main(argv=None) -> int:
     from ospfn.pipeline import load_pipeline
 
     try:
-        pipe = load_pipeline(ckpt, model_type=args.model_type, dit=args.dit, dtype=dtype, device=device)
+        offload = args.text_offload or ("none" if torch.device(device).type == "cpu" else "cpu")
+        pipe = load_pipeline(ckpt, model_type=args.model_type, dit=args.dit, dtype=dtype, device=device, text_offload=offload)
     except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
         fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
     size = tuple(args.size) if args.size is not None else tuple(pipe.defaults["size"])

@@ -174,7 +174,7 @@ def test_prepare_train_export_sample_with_the_real_encoders(tmp_path, corpus, re
     from ospfn.model.checkpoint import load_checkpoint
     from ospfn.model.umt5 import UMT5TextEncoder
     from ospfn.model.wan_vae import WanVAE
-    from ospfn.pipeline import DEFAULTS, Pipeline
+    from ospfn.pipeline import DEFAULTS, WAN_NEGATIVE_PROMPT, Pipeline, load_pipeline
 
     path = write(tmp_path, real_cfg(tmp_path, corpus, real_encoders))
     assert recipe("prepare_data").main(["--config", str(path), "--device", "cpu", "--no-progress"]) == 0
@@ -206,9 +206,38 @@ def test_prepare_train_export_sample_with_the_real_encoders(tmp_path, corpus, re
 
     dit_cfg = load_dit_config(final)
     assert (dit_cfg.in_dim, dit_cfg.text_dim, dit_cfg.text_len, dit_cfg.i2v) == (16, 32, 16, "flashi2v")
-    pipe = Pipeline(dit_cfg, params, text, vae, {"kind": "wan"}, {**DEFAULTS, **meta["defaults"]})
+    pipe = Pipeline(dit_cfg, params, text, vae, {"kind": "wan"}, {**DEFAULTS, "negative_prompt": WAN_NEGATIVE_PROMPT, **meta["defaults"]})
     video = pipe.generate("a red square moving right", image=videos[0]["video"][:, 0], seed=0)
     assert video.shape == (3, 5, 32, 32) and bool(torch.isfinite(video).all()) and float(video.abs().max()) <= 1
+
+    # the export directory is a pipeline: load_pipeline reads the encoders its ospfn_export.json names
+    loaded = load_pipeline(final)
+    assert loaded.model_type == "flashi2v" and loaded.info["layout"] == "export" and loaded.defaults == pipe.defaults
+    assert isinstance(loaded.text, UMT5TextEncoder) and isinstance(loaded.vae, WanVAE)
+    assert torch.equal(loaded.generate("a red square moving right", image=videos[0]["video"][:, 0], seed=0), video)
+
+
+def test_export_layout_names_what_is_missing(tmp_path):
+    """An export whose encoders are not on this machine: the error names the file and the way out (the Wan2.1
+    pipeline with the DiT on top); a malformed ospfn_export.json is refused with the key."""
+    from ospfn.model import DiTConfig, init_params
+    from ospfn.model.checkpoint import CheckpointError, CheckpointMissingError, save_checkpoint
+    from ospfn.pipeline import detect_layout, load_pipeline
+
+    cfg = DiTConfig.preset("tiny").replace(in_dim=16, out_dim=16, text_dim=32)
+    save_checkpoint(init_params(cfg, seed=0), tmp_path, cfg=cfg)
+    meta = {"model_type": "osp-next", "text_encoder": {"kind": "umt5", "path": str(tmp_path / "gone"), "tokenizer": None, "text_len": 16},
+            "vae": {"kind": "wan", "path": str(tmp_path / "gone")}, "defaults": {"steps": 7}, "info": {}}  # fmt: skip
+    (tmp_path / "ospfn_export.json").write_text(json.dumps(meta))
+    assert detect_layout(tmp_path) == "export"
+    with pytest.raises(CheckpointMissingError, match=r"text_encoder named by .*ospfn_export.json is not here: .*gone .*load_pipeline\(<Wan2.1 dir>, dit="):
+        load_pipeline(tmp_path)
+    (tmp_path / "ospfn_export.json").write_text(json.dumps({**meta, "vae": {"kind": "sd"}}))
+    with pytest.raises(CheckpointError, match=r"vae must be an object with kind 'pixel' or 'wan', got \{'kind': 'sd'\}"):
+        load_pipeline(tmp_path)
+    (tmp_path / "ospfn_export.json").write_text(json.dumps({**meta, "defaults": {"steps": 0}}))
+    with pytest.raises(CheckpointError, match=r"defaults.steps must be an int in \[1, 1000000\], got 0"):
+        load_pipeline(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------

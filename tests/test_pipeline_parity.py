@@ -321,6 +321,60 @@ def test_teacache_option_is_wired_per_branch():
     assert pipe.last_info["teacache_skipped"] == 2  # one branch without guidance
 
 
+# ------------------------------------------------------------------------------------------------ text offload
+
+
+class SpyEncoder(UMT5TextEncoder):
+    """The UMT5 encoder, logging where it is asked to go and when it encodes."""
+
+    def __init__(self, *args, log, **kw):
+        super().__init__(*args, **kw)
+        self.log = log
+
+    def to(self, device=None, dtype=None):
+        self.log.append(("to", str(device)))
+        return super().to(device, dtype)
+
+    def offload(self):
+        self.log.append(("offload",))
+        return super().offload()
+
+    def release(self):
+        self.log.append(("release",))
+        super().release()
+
+    def encode(self, prompts):
+        self.log.append(("encode", len(prompts)))
+        return super().encode(prompts)
+
+
+@pytest.mark.parametrize("policy", ["cpu", "release"])
+def test_text_encoder_is_offloaded_before_the_dit_runs(policy):
+    """text_offload: both prompt batches are encoded, then the encoder is offloaded / released, then the DiT runs;
+    the video is the one of the pipeline that keeps its encoder."""
+    import copy
+    import dataclasses
+
+    base = ospfn_pipeline()
+    _, _, text, tok = components()
+    log = []
+    spy = SpyEncoder(copy.deepcopy(text), tok, text_len=TEXT_LEN, log=log)
+    pipe = dataclasses.replace(base, text=spy, text_offload=policy)
+    lat = noise(seed=4)
+    video = pipe.generate(PROMPT, latents=lat, steps=2, callback=lambda i, z: log.append(("step", i)))
+    assert torch.equal(video, base.generate(PROMPT, latents=lat, steps=2))
+    assert log == [("encode", 1), ("encode", 1), (policy if policy == "release" else "offload",), ("step", 0), ("step", 1)]
+    log.clear()
+    if policy == "cpu":  # the next call brings the encoder back to where it lived first
+        assert torch.equal(pipe.generate(PROMPT, latents=lat, steps=2), video)
+        assert log[:3] == [("to", "cpu"), ("encode", 1), ("encode", 1)] and log[3] == ("offload",)
+    else:
+        with pytest.raises(RuntimeError, match="released"):
+            pipe.generate(PROMPT, latents=lat, steps=2)
+    with pytest.raises(ValueError, match=r"text_offload must be one of \['none', 'cpu', 'release'\], got 'gpu'"):
+        dataclasses.replace(base, text_offload="gpu")
+
+
 # ------------------------------------------------------------------------------------------------ recipe
 
 
@@ -342,7 +396,8 @@ def test_sample_recipe_prompt_file_scheduler_and_teacache(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left\n\n  a blue square moving up \n")
     args = ["--device", "cpu", "--steps", "2", "--scale", "1", "--prompt-file", str(prompts), "--image", str(BUNDLED / "example.png"),
-            "--out", str(tmp_path / "b"), "--scheduler", "unipc", "--teacache", "0.0"]  # fmt: skip
+            "--out", str(tmp_path / "b"), "--scheduler", "unipc", "--teacache", "0.0",
+            "--text-offload", "release"]  # fmt: skip  (the tiny encoder has nothing to offload: every line still encodes)
     assert recipe.main(args) == 0
     out = capsys.readouterr().out
     info = json.loads(out.splitlines()[0])
