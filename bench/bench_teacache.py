@@ -1,4 +1,4 @@
-"""TeaCache on the bundled tiny FlashI2V model: wall-clock speed-up and video quality against uncached sampling.
+"""TeaCache on the bundled tiny FlashI2V model (and a tiny random Wan2.1 pipeline): wall-clock speed-up and video quality against uncached sampling.
 
 The model, prompt, image and sampling settings are the bundled pipeline's defaults (``load_pipeline()``:
 30 Euler steps, shift 3, guidance 1 -- so one branch, no CFG --, 5 frames of 32x32, its ``example.txt`` /
@@ -24,11 +24,16 @@ Figures, per case over ``--seeds`` seeds (same noise for the cached and the unca
 * ``psnr_loss_db``: how much closer to the exact ODE solution the uncached video is than the cached one:
   PSNR(uncached, ref) - PSNR(cached, ref), ``ref`` = the uncached sampler at 4x the steps (an estimate of the
   exact solution that both try to reach).
-* ``skipped``: model calls skipped of the 30.
+* ``skipped``: model calls skipped of the steps x guidance branches (30 for the bundled model, 100 for wan-tiny).
+
+``--pipeline wan-tiny`` measures the same on a tiny random Wan2.1 T2V pipeline built by diffusers and read back
+with ``load_pipeline`` (4 blocks of width 64, 50 UniPC steps, guidance 5 with Wan's negative prompt, 9 frames of
+64x64; text-to-video, so no image).  Its weights are random: the figures show the mechanism at work on the real
+stack (both guidance branches cached, UniPC), not what TeaCache does to a trained Wan2.1.
 
 Run (about 5-10 minutes on a 2-core machine; prefer one thread on a shared one)::
 
-    python bench/bench_teacache.py [--seeds 0 1 2 3 4] [--rounds 2] [--threads 1] [--out PATH]
+    python bench/bench_teacache.py [--pipeline bundled|wan-tiny] [--seeds 0 1 2 3 4] [--rounds 2] [--threads 1] [--out PATH]
 
 Writes ``bench/results/teacache-cpu.json`` (pytest-benchmark layout, so ``bench/report.py`` reads it; the
 device, CPU model and thread count in ``machine_info`` and in every row) and prints a markdown table.
@@ -60,6 +65,7 @@ from ospfn.sched import sample  # noqa: E402
 from ospfn.sched.teacache import TeaCache, TeaCacheConfig  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "teacache-cpu.json")
+DEFAULT_OUT_WAN = os.path.join(HERE, "results", "teacache-wan-tiny-cpu.json")
 DATA_RANGE = 2.0  # videos in [-1, 1]
 
 
@@ -104,6 +110,7 @@ class Generator:
         self.steps, self.guidance, self.shift, self.ratio = d["steps"], d["guidance"], d["shift"], d["fourier_ratio"]
         self.frames, (self.H, self.W) = d["frames"], d["size"]
         self.neg = d["negative_prompt"]
+        self.scheduler = d.get("scheduler", "euler")
         self.branches = 2 if self.guidance != 1.0 else 1  # sample() runs the unconditional branch only with guidance
 
     def __call__(self, seed: int, *, cache: TeaCache | None = None, steps: int | None = None, forward_fn=None):
@@ -117,11 +124,13 @@ class Generator:
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(pipe.device)
             ctx = pipe.encode_prompts([self.prompt]).to(pipe.device)
             neg = pipe.encode_prompts([self.neg]).to(pipe.device)
-            img = pipe.check_image(self.image, (self.H, self.W)).to(pipe.device)
-            cond = pipe.vae.encode(img[None, :, None]).to(pipe.device)
+            cond = None
+            if self.image is not None:  # image-to-video
+                img = pipe.check_image(self.image, (self.H, self.W)).to(pipe.device)
+                cond = pipe.vae.encode(img[None, :, None]).to(pipe.device)
             t1 = time.perf_counter()
             z = sample(
-                pipe.params, pipe.cfg, noise=noise, context=ctx, neg_context=neg, guidance=self.guidance,
+                pipe.params, pipe.cfg, noise=noise, context=ctx, neg_context=neg, guidance=self.guidance, scheduler=self.scheduler,
                 steps=self.steps if steps is None else steps, shift=self.shift, cond_image_latent=cond,
                 fourier_ratio=self.ratio, forward_fn=forward_fn if cache is None else cache.wrap(forward_fn or M.forward),
             )  # fmt: skip
@@ -132,13 +141,49 @@ class Generator:
         return video.cpu(), time.perf_counter() - t0, t2 - t1, time.process_time() - c0
 
 
-def run(seeds, rounds, thresholds, presets, device, log=print) -> dict:
-    pipe = load_pipeline(device=device)
-    prompt = (BUNDLED / "example.txt").read_text().strip()
-    image = read_image(str(BUNDLED / "example.png"))
+WAN_TINY = {"frames": 9, "size": [64, 64], "steps": 50}  # the tiny random Wan pipeline's sampling (its other defaults: Wan's)
+
+
+def wan_tiny_pipeline(root: str, device: str):
+    """A tiny random Wan2.1 T2V pipeline built by diffusers / transformers (4 blocks of width 64, a 2-layer UMT5, the
+    small AutoencoderKLWan), written in the diffusers layout under ``root`` and read back with ``load_pipeline``
+    (UniPC, shift 3, guidance 5 and Wan's negative prompt, as the layout says); 9 frames of 64x64, 50 steps."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=192, num_layers=4,
+    )  # fmt: skip
+    with torch.no_grad():  # off the library's near-zero initialisation, so every block changes the stream
+        for prm in transformer.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    text = transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    pipe = diffusers.WanPipeline(tokenizer=transformers.ByT5Tokenizer(), text_encoder=text, vae=vae, transformer=transformer,
+                                 scheduler=diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                                             flow_shift=3.0))  # fmt: skip
+    pipe.save_pretrained(root)
+    loaded = load_pipeline(root, device=device)
+    loaded.defaults.update(WAN_TINY)
+    return loaded
+
+
+def run(seeds, rounds, thresholds, presets, device, log=print, pipeline: str = "bundled") -> dict:
+    if pipeline == "bundled":
+        pipe = load_pipeline(device=device)
+        prompt = (BUNDLED / "example.txt").read_text().strip()
+        image = read_image(str(BUNDLED / "example.png"))
+        what = "bundled tiny FlashI2V"
+    else:
+        import tempfile
+
+        pipe = wan_tiny_pipeline(tempfile.mkdtemp(prefix="wan-tiny-"), device)
+        prompt, image, what = "a red circle moving left on a navy background", None, "tiny random Wan2.1 T2V (diffusers layout)"
     gen = Generator(pipe, prompt, image)
     cases = [(p, thr) for p in presets for thr in thresholds]
-    log(f"model: bundled tiny FlashI2V ({pipe.cfg.num_layers} blocks, dim {pipe.cfg.dim}), {gen.steps} steps, shift {gen.shift}, "
+    log(f"model: {what} ({pipe.cfg.num_layers} blocks, dim {pipe.cfg.dim}), {gen.steps} steps ({gen.scheduler}), shift {gen.shift}, "
         f"guidance {gen.guidance} ({gen.branches} branch(es)), {gen.frames} frames {gen.H}x{gen.W}; seeds {seeds}, {rounds} rounds")  # fmt: skip
 
     gen(seeds[0])  # warm-up (first-call allocations, kernel selection)
@@ -147,7 +192,7 @@ def run(seeds, rounds, thresholds, presets, device, log=print) -> dict:
     for seed in seeds:
         video, *_ = gen(seed)
         if seed == seeds[0]:  # the driver reproduces Pipeline.generate
-            want = pipe.generate(prompt, image=image, seed=seed).cpu()
+            want = pipe.generate(prompt, image=image, seed=seed).cpu()  # (Wan: the layout's UniPC, CFG 5, Wan's negative)
             assert torch.equal(video, want), "the benchmark's generation differs from Pipeline.generate"
         base[seed] = video
         ref[seed], *_ = gen(seed, steps=4 * gen.steps)
@@ -181,7 +226,7 @@ def run(seeds, rounds, thresholds, presets, device, log=print) -> dict:
                 per_case[case].setdefault("abs_t", []).append(times[case][0])
         log(f"seed {seed}: done")
     return {"cases": cases, "per_case": per_case, "base_times": base_times, "steps": gen.steps, "branches": gen.branches,
-            "seeds": list(seeds), "rounds": rounds, "device": device}  # fmt: skip
+            "seeds": list(seeds), "rounds": rounds, "device": device, "model": what, "scheduler": gen.scheduler}  # fmt: skip
 
 
 def summarize(res: dict) -> list[dict]:
@@ -225,7 +270,7 @@ def to_benchmark_json(rows: list[dict], res: dict, info: dict) -> dict:
             extra["psnr_db"] = "inf"
         extra.update(device=info["device"], steps=res["steps"], seeds=len(res["seeds"]))
         benches.append({
-            "group": f"tiny FlashI2V sampling, TeaCache ({res['steps']} steps)", "name": f"teacache[{name}]",
+            "group": f"{res['model']} sampling, TeaCache ({res['steps']} {res['scheduler']} steps)", "name": f"teacache[{name}]",
             "fullname": f"bench/bench_teacache.py::teacache[{name}]", "params": {"preset": r["preset"], "threshold": r["threshold"]},
             "stats": {"min": min(ts), "max": max(ts), "mean": statistics.fmean(ts), "median": statistics.median(ts),
                       "stddev": statistics.stdev(ts) if len(ts) > 1 else 0.0, "rounds": len(ts), "iterations": 1, "data": ts},
@@ -237,7 +282,7 @@ def to_benchmark_json(rows: list[dict], res: dict, info: dict) -> dict:
 
 def table(rows: list[dict], res: dict) -> str:
     out = ["| preset | threshold | skipped / %d | speed-up (wall) | speed-up (CPU time) | speed-up (sampling) | PSNR vs uncached (dB) "
-           "| SSIM vs uncached | PSNR loss vs ODE ref (dB) |" % res["steps"], "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| SSIM vs uncached | PSNR loss vs ODE ref (dB) |" % (res["steps"] * res["branches"]), "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         p = "inf" if math.isinf(r["psnr_db"]) else f"{r['psnr_db']:.1f}"
         out.append(f"| {r['preset'] if r['preset'] != '-' else 'uncached'} | {r['threshold']:.2f} | {r['skipped']:.1f} | "
@@ -254,14 +299,20 @@ def main(argv=None) -> None:
     ap.add_argument("--coefficients", nargs="+", default=["identity", "wan2.1-t2v-1.3b"], help="TeaCache presets")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output (pytest-benchmark layout); '-' for none")
+    ap.add_argument("--pipeline", choices=["bundled", "wan-tiny"], default="bundled",
+                    help="bundled: the tiny FlashI2V model; wan-tiny: a tiny random Wan2.1 T2V pipeline (coefficients "
+                         "default to wan2.1-t2v-1.3b and identity)")  # fmt: skip
+    ap.add_argument("--out", default=None, help=f"JSON output (pytest-benchmark layout; default {DEFAULT_OUT} or "
+                                                f"{DEFAULT_OUT_WAN} for wan-tiny); '-' for none")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = DEFAULT_OUT if a.pipeline == "bundled" else DEFAULT_OUT_WAN
     if a.rounds < 1 or not a.seeds:
         ap.error("--rounds must be >= 1 and --seeds non-empty")
     if a.threads:
         torch.set_num_threads(a.threads)
     info = machine_info(a.device)
-    res = run(a.seeds, a.rounds, a.thresholds, a.coefficients, a.device)
+    res = run(a.seeds, a.rounds, a.thresholds, a.coefficients, a.device, pipeline=a.pipeline)
     rows = summarize(res)
     print(f"\n{info['device']}; torch {info['torch']}; load average at start {info['loadavg_at_start'][0]:.2f}; "
           f"{len(res['seeds'])} seeds x {res['rounds']} rounds\n")  # fmt: skip
