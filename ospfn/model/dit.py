@@ -4,9 +4,10 @@ Wan2.1 T2V; OSP-Next = the same network with the Skiparse block schedule (``skip
 FlashI2V = plus the Fourier embedding (here) and the latent shift phi (``flashi2v_shift``: the sampler
 feeds ``z - phi(s)``; the loss asks ``forward`` to subtract it, ``ImageCond(apply_shift=True)``).
 
-``forward(params, cfg, x, t, context, *, image=None, run=None)``: what the model sees (latents, timesteps,
-context tokens, the FlashI2V first-frame condition ``ImageCond``) is separate from how the call runs
-(``RunOptions``: attention backend, checkpointing, the parallel layout, per-block hooks, a sampling cache).
+``forward(params, cfg, x, t, context, *, image=None, run=None, lora=None)``: what the model sees (latents,
+timesteps, context tokens, the FlashI2V first-frame condition ``ImageCond``) is separate from how the call runs
+(``RunOptions``: attention backend, checkpointing, the parallel layout, per-block hooks, a sampling cache);
+``lora`` names the LoRA adapters of the call (docs/lora.md), None for the base model.
 
 One loop runs the blocks, on one process or many: the single-process model is the sequence-parallel one on a
 trivial mesh (``ParallelState.single``).  Each block is ``dit_block(x, params_of_block, bc, lay)`` with a
@@ -192,15 +193,39 @@ class LayoutTables:
 
 def _linear(x: torch.Tensor, params: dict, name: str, bc: Optional[BlockContext] = None, rows=None) -> torch.Tensor:
     """The one place every block Linear runs: ``x W^T + b`` in x's dtype, or the HiF8 straight-through
-    linear (``cfg.quant == "hif8"``) with Skiparse pad rows zeroed so they do not move the amax."""
+    linear (``cfg.quant == "hif8"``) with Skiparse pad rows zeroed so they do not move the amax.
+
+    A LoRA delta applies here when the block's dict carries ``name + ".lora"`` (``forward(..., lora=)`` puts
+    it there, docs/lora.md#how-the-delta-reaches-the-linears): per adapter a term ``(A, B, bias, c, w)`` adds
+    ``c * (x A^T) B^T + w * bias``, computed in ``promote_types(x.dtype, A.dtype, B.dtype)`` and never
+    quantised, then cast to x's dtype and added to the (possibly HiF8) base output.  Without the entry nothing
+    else runs."""
     w = params[name + ".weight"]
     b = params.get(name + ".bias")
     b = None if b is None else b.to(x.dtype)
+    lora = params.get(name + ".lora")
     if bc is not None and bc.cfg.quant == "hif8":
         if rows is not None:
             x = x * rows[..., None].to(x.dtype)
-        return hif8_linear(x, w.to(x.dtype), b, amax_group=bc.amax_group)
-    return F.linear(x, w.to(x.dtype), b)
+        y = hif8_linear(x, w.to(x.dtype), b, amax_group=bc.amax_group)
+    else:
+        y = F.linear(x, w.to(x.dtype), b)
+    if lora is not None:
+        y = y + _lora_delta(x, lora).to(y.dtype)
+    return y
+
+
+def _lora_delta(x: torch.Tensor, terms) -> torch.Tensor:
+    """Sum over the terms ``(A, B, bias, c, w)`` of ``c * (x A^T) B^T (+ w * bias)`` in high precision (the
+    promoted dtype of x and the adapter: fp32 for an fp32 adapter); the scale multiplies the rank-r activation."""
+    out = None
+    for a, b, bias, coef, wb in terms:
+        ct = torch.promote_types(torch.promote_types(x.dtype, a.dtype), b.dtype)
+        d = F.linear(F.linear(x.to(ct), a.to(ct)) * coef, b.to(ct))
+        if bias is not None:
+            d = d + bias.to(ct) * wb
+        out = d if out is None else out + d
+    return out
 
 
 def _attend(q, k, v, bc: BlockContext, lay: LayoutTables):
@@ -251,7 +276,8 @@ def dit_block(x: torch.Tensor, params: dict, bc: BlockContext, lay: LayoutTables
     """One DiT block on the local stream ``x`` [G*B, n, dim] (G folded slots, slot-major; G = 1 for "full").
 
     ``params``: this block's parameters under their names inside the block (``"self_attn.q.weight"``, ...,
-    see ``block_params``); ``bc``: the call's ``BlockContext``; ``lay``: the ``LayoutTables`` of this block's
+    see ``block_params``), plus, for a LoRA-adapted Linear, its low-rank terms under ``name + ".lora"`` (see
+    ``_linear``); ``bc``: the call's ``BlockContext``; ``lay``: the ``LayoutTables`` of this block's
     layout.  Self-attention (modulated, gated), cross-attention to ``bc.text``, feed-forward (modulated,
     gated); every Linear goes through ``_linear``.
     """
@@ -468,6 +494,7 @@ def forward(
     *,
     image: Optional[ImageCond] = None,
     run: Optional[RunOptions] = None,
+    lora=None,
 ) -> torch.Tensor:
     """Predicted velocity, fp32 [B, out_dim, T, H, W].
 
@@ -476,13 +503,19 @@ def forward(
     (zero-padded text features, no mask).  ``image``: the FlashI2V first-frame condition (``ImageCond``),
     required by ``cfg.i2v == "flashi2v"`` and refused otherwise.  ``run``: how the call runs
     (``RunOptions``: attention backend, gradient checkpointing, sequence parallelism, block hooks, a sampling
-    cache such as TeaCache).
+    cache such as TeaCache).  ``lora``: LoRA adapters for this call (docs/lora.md): None (the base model), an
+    ``ospfn.lora.LoraAdapter``, an ``(adapter, weight)`` pair or a list of adapters and pairs (bare adapters
+    weigh 1); each targeted block Linear gains ``weight * scale * (x A^T) B^T (+ weight * lora_bias)``,
+    computed in high precision (never HiF8-quantised).  A weight of 0 and ``lora=None`` cost nothing.  With
+    ``run.block_fn`` (the ``ospfn.nn`` module shells) the adapter lives in the modules instead
+    (``ospfn.nn.DiT(cfg, params, lora=adapter)``), and ``lora=`` is refused.
 
     Every call is validated before any work, cheaply (shapes, dtypes and devices; no tensor data is read, so
     no device synchronisation, and torch.compile traces the checks without a graph break): ``params`` must
     hold every parameter of ``cfg`` with its shape (all missing and mis-shaped keys are listed; keys of
     other models are ignored; with ``run.block_fn`` the blocks' entries are the block function's business),
-    on x's device, like ``t``, ``context`` and the ``image`` tensors.  B, T, H, W must be >= 1 (an empty
+    on x's device, like ``t``, ``context``, the ``image`` tensors and the adapters (whose keys and shapes must
+    fit ``cfg``: unknown modules, block indices beyond ``num_layers`` and wrong shapes are named).  B, T, H, W must be >= 1 (an empty
     batch or grid is an error, not an empty result) and the context must hold at least one token (L >= 1:
     "no text" is the encoding of the empty prompt, which has one).  Non-tensor inputs raise ``TypeError``
     naming the argument, wrong shapes / devices ``ValueError``.  Any strides are accepted.
@@ -500,6 +533,15 @@ def forward(
         torch.Size([1, 16, 3, 8, 8])
     """
     _check_inputs(params, cfg, x, t, context, image, run)
+    lora_tables = None
+    if lora is not None:  # ospfn.lora builds on this module: imported when used, so either may be imported first
+        from ospfn.lora.adapter import block_lora_tables
+
+        lora_tables = block_lora_tables(lora, cfg, x.device, "forward")
+        if lora_tables is not None and run is not None and run.block_fn is not None:
+            raise ValueError("forward: lora= cannot be combined with run.block_fn: a module block computes with its own "
+                             "parameters, so attach the adapter to the modules (ospfn.nn.DiT(cfg, params, lora=adapter)) "
+                             "and pick its weight per call with DiT.forward(..., lora_weight=)")  # fmt: skip
     run = RunOptions() if run is None else run
     mesh = run.parallel if run.parallel is not None else ParallelState.single(x.device)
     amax_group = run.amax_group
@@ -524,6 +566,9 @@ def forward(
     bc = BlockContext(cfg, B, e0, ctx, mesh, run.attn_backend, amax_group)
     block_fn, block_hook = run.block_fn, run.block_hook
     per_block = None if block_fn is not None else block_params(params, cfg.num_layers)
+    if lora_tables is not None:  # the adapter's per-block terms join the block's dict (read by _linear)
+        for p_i, extra in zip(per_block, lora_tables):
+            p_i.update(extra)
 
     n_local = x_tok.shape[1] // mesh.sp_size
     x_loc = x_tok[:, mesh.sp_rank * n_local : (mesh.sp_rank + 1) * n_local] if mesh.sp_size > 1 else x_tok

@@ -36,11 +36,19 @@ __all__ = [
 
 def sum_sp_grads(params, state) -> None:
     """All-reduce (sum) the gradients of replicated parameters over the SP group: under sequence parallelism
-    each rank's gradient covers its own tokens only."""
+    each rank's gradient covers its own tokens only.  ``params``: an iterable of tensors, a dict of them, or an
+    object with a ``parameters()`` method (an ``nn.Module``, an ``ospfn.lora.LoraAdapter``: an adapter is
+    replicated over the SP ranks like the base parameters).  Tensors without a gradient are skipped."""
+    from collections.abc import Mapping
+
     import torch.distributed as dist
 
     if state.sp_size == 1:
         return
+    if callable(getattr(params, "parameters", None)):
+        params = params.parameters()
+    elif isinstance(params, Mapping):
+        params = params.values()
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad, group=state.sp_group)
