@@ -19,6 +19,7 @@ original directories, with an optional replacement DiT (OSP-Next, FlashI2V) and 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -154,6 +155,31 @@ class Pipeline:
                              "torch.uint8)")  # fmt: skip
         return img.clamp(-1, 1)
 
+    def _adapters(self, lora, fn: str) -> list:
+        """``generate``'s ``lora=`` as [(adapter on the DiT's device, weight), ...], checked against the DiT."""
+        if lora is None:
+            return []
+        from ospfn.lora import LoraAdapter, load_lora
+        from ospfn.lora.adapter import lora_pairs
+
+        def read(p):
+            return load_lora(p, self.cfg) if isinstance(p, (str, os.PathLike)) else p
+
+        if isinstance(lora, (str, os.PathLike)):
+            lora = read(lora)
+        elif isinstance(lora, (list, tuple)) and not (len(lora) == 2 and isinstance(lora[0], LoraAdapter) and isinstance(lora[1], (int, float))):
+            lora = [read(x) for x in lora]
+        pairs = lora_pairs(lora, fn, "lora")
+        dev = self.device
+        out = []
+        for adapter, w in pairs:
+            try:
+                adapter.check(self.cfg)
+            except ValueError as e:
+                raise ValueError(f"{fn}: lora does not fit this pipeline's DiT: {e}") from None
+            out.append((adapter.to(dev), w))
+        return out
+
     def _encode_for_run(self, prompts: list[str], negs: Optional[list[str]], dev: torch.device):
         """(context, negative context or None) on ``dev``; with ``text_offload`` the encoder is brought back to its
         device first (after an earlier "cpu" offload) and offloaded / released afterwards, before the DiT runs."""
@@ -192,6 +218,7 @@ class Pipeline:
         fourier_ratio: Optional[float] = None,
         callback: Optional[Callable[[int, torch.Tensor], None]] = None,
         size: Optional[tuple[int, int]] = None,
+        lora=None,
     ) -> torch.Tensor:
         """A video [3, F, H, W] in [-1, 1] for a str ``prompt``; [B, 3, F, H, W] for a list of B prompts.
 
@@ -220,6 +247,11 @@ class Pipeline:
         Classifier-free guidance runs both branches as one batch of 2B.  FlashI2V integrates the unshifted
         state with either scheduler.  Without ``latents`` the noise comes from a CPU generator seeded with
         ``seed``: the same seed gives the same video.
+
+        ``lora``: LoRA adapters applied to the DiT for this call (``ospfn.lora``; docs/lora.md): a
+        ``LoraAdapter`` (e.g. ``load_lora(path)``), an ``(adapter, weight)`` pair, a list of adapters / pairs, or
+        a path / list of paths (read with ``load_lora``, weight 1).  Checked against the DiT before any work;
+        adapters on another device are moved to the DiT's.  None: the base model.
         """
         import time
 
@@ -351,6 +383,8 @@ class Pipeline:
             raise ValueError(f"{fn}: image= is the first frame of an image-to-video model, but this pipeline is "
                              f"text-to-video (cfg.i2v = {self.cfg.i2v!r}); drop it")  # fmt: skip
 
+        adapters = self._adapters(lora, fn)
+
         # -- TeaCache ------------------------------------------------------------------------------------
         use_cfg = g_v != 1.0
         tc = None
@@ -370,15 +404,17 @@ class Pipeline:
             if cond.shape[0] != B:
                 cond = cond.expand(B, *cond.shape[1:])
         schedule = {"sigmas": sig_list} if sig_list is not None else {"steps": steps_v, "shift": sh_v}
+        fwd = forward if not adapters else functools.partial(forward, lora=adapters)
         z = sample(
             self.params, self.cfg, noise=noise, context=ctx, neg_context=neg_ctx, guidance=g_v, scheduler=sched_v, **schedule,
-            cond_image_latent=cond, fourier_ratio=fr_v, callback=callback, forward_fn=None if tc is None else tc.wrap(forward),
+            cond_image_latent=cond, fourier_ratio=fr_v, callback=callback, forward_fn=fwd if tc is None else tc.wrap(fwd),
         )  # fmt: skip
         video = self.vae.decode(z).clamp(-1, 1)
         self.last_info = {
             "steps": steps_v, "scheduler": sched_v, "shift": sh_v, "sigmas": sig_list, "guidance": g_v, "cfg_batched": use_cfg,
             "batch": B, "frames": frames_v, "size": [H, W], "seed": None if latents is not None else seed,
             "teacache_skipped": 0 if tc is None else int(tc.skipped), "teacache": None if tc is None else tc.stats(),
+            "lora": [{"rank": a.config.rank, "alpha": a.config.alpha, "weight": w} for a, w in adapters],
             "seconds": round(time.perf_counter() - t0, 4),
         }  # fmt: skip
         return video if batched else video[0]

@@ -51,6 +51,24 @@ def _text_arg(text: str) -> str:
     return text
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """``--lora PATH[:WEIGHT]``: (path, weight); the weight (default 1) is a finite number after the last colon."""
+    import math
+
+    if not isinstance(text, str) or not text.strip():
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:WEIGHT, got {text!r}")
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            w = float(tail)
+        except ValueError:
+            return text, 1.0  # a colon inside the path
+        if not math.isfinite(w):
+            raise argparse.ArgumentTypeError(f"the weight of {text!r} must be a finite number, got {tail!r}")
+        return path, w
+    return text, 1.0
+
+
 def value_checks() -> dict:
     """The check of each numeric / structured argument: an argparse ``type=`` that also takes YAML values."""
     from ospfn.train.config import float_arg, int_arg, resolve_device, size_arg
@@ -98,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=c["scale"], default=8, help="nearest-neighbour upscaling of the written files, 1..64")
     p.add_argument("--device", type=c["device"], default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype of the DiT (default fp32)")
+    p.add_argument("--lora", action="append", type=lora_arg, default=None, metavar="PATH[:WEIGHT]",
+                   help="a LoRA adapter (diffusers / PEFT / Wan / musubi file or directory) applied with WEIGHT (default 1); "
+                        "repeatable (the adapters add up)")  # fmt: skip
     p.add_argument("--text-offload", choices=["none", "cpu", "release"], default=None,
                    help="what to do with the UMT5 encoder once the prompts are encoded, before the DiT runs (default: cpu on "
                         "an accelerator, none on the CPU; the tiny encoder has nothing to offload)")  # fmt: skip
@@ -227,6 +248,16 @@ def main(argv=None) -> int:
         pipe = load_pipeline(ckpt, model_type=args.model_type, dit=args.dit, dtype=dtype, device=device, text_offload=offload)
     except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
         fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
+    adapters = None
+    if args.lora:
+        from ospfn.lora import load_lora
+
+        adapters = []
+        for path, w in args.lora:
+            try:
+                adapters.append((load_lora(path, pipe.cfg), w))
+            except (OSError, ValueError) as e:  # LoraFileError is a ValueError
+                fail(f"--lora: {path}: {e}")
     size = tuple(args.size) if args.size is not None else tuple(pipe.defaults["size"])
     frames = args.frames if args.frames is not None else int(pipe.defaults["frames"])
     steps = args.steps if args.steps is not None else int(pipe.defaults["steps"])
@@ -268,7 +299,7 @@ def main(argv=None) -> int:
     for i, p in enumerate(prompts):
         video = pipe.generate(
             p, image, negative_prompt=args.negative_prompt, steps=steps, guidance=args.guidance, shift=args.shift,
-            seed=args.seed, frames=frames, size=size, scheduler=args.scheduler, teacache=args.teacache,
+            seed=args.seed, frames=frames, size=size, scheduler=args.scheduler, teacache=args.teacache, lora=adapters,
             callback=(lambda i, z: bar.update(1)) if bar is not None else None,
         )  # fmt: skip
         skipped += int(pipe.last_info.get("teacache_skipped", 0))
@@ -288,7 +319,8 @@ def main(argv=None) -> int:
     info = {"prompt": prompts[0] if len(prompts) == 1 else prompts, "image": image_path, "seed": args.seed, "steps": steps,
             "frames": int(video.shape[1]), "size": list(video.shape[2:]), "device": str(device), "dtype": args.dtype,
             "model_type": pipe.model_type, "scheduler": pipe.last_info.get("scheduler"), "teacache": args.teacache,
-            "teacache_skipped": skipped, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+            "teacache_skipped": skipped, "lora": [[str(p_), w] for p_, w in args.lora] if args.lora else None,
+            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     print(json.dumps(info))
     for path in written:
         print(f"wrote {path}")
