@@ -1,6 +1,6 @@
 """Mix-GRPO post-training math (docs/rl.md): SDE windows, rollouts with recorded log-probabilities, group
-advantages and the clipped objective.  Pure functions of tensors and a ``velocity(z, sigma, i)`` callable; the
-training loop that calls them lives elsewhere."""
+advantages and the clipped objective.  Pure functions of tensors and a ``velocity(z, sigma, i)`` callable; rewards on
+decoded videos (``ospfn.rl.rewards``); the loop that calls them is ``ospfn.rl.trainer`` (``recipes/train_rl.py``)."""
 
 from ospfn.rl.grpo import (
     AGGREGATIONS,
@@ -12,6 +12,7 @@ from ospfn.rl.grpo import (
     nonzero_advantage_mask,
     ppo_loss,
 )
+from ospfn.rl.rewards import FunctionReward, Reward, make_reward, register_reward, reward_registry
 from ospfn.rl.rollout import (
     FLOW_GRPO_NOISE,
     SDE_KINDS,
@@ -27,6 +28,11 @@ from ospfn.rl.window import STRATEGIES, WindowSchedule, mix_seed
 from ospfn.sched.dpm_solver import compressed_tail, dpmpp_2m_sample, dpmpp_2m_step
 
 __all__ = [
+    "Reward",
+    "FunctionReward",
+    "make_reward",
+    "register_reward",
+    "reward_registry",
     "WindowSchedule",
     "STRATEGIES",
     "mix_seed",
