@@ -9,11 +9,18 @@ Each iteration samples ``rollout.k`` videos for each of ``rollout.prompts_per_it
 (``rollout.window``), scores them with the config's ``rewards``, and takes one AdamW step on the adapter with
 the clipped GRPO objective and a KL to the adapter-disabled model (docs/rl.md).
 
-Writes ``<out_dir>/ckpt-<iteration>/`` (atomic; adapter, EMA, optimizer, clip statistics, iteration),
-``<out_dir>/log.jsonl`` (rewards mean / std per reward, KL, clip fraction, approximate KL, window, times) and,
-when the schedule completes, ``<out_dir>/final/pytorch_lora_weights.safetensors`` (the EMA adapter, diffusers
-format: ``recipes/sample.py --lora``).  The iteration is ``ospfn.rl.trainer.RLTrainer.iterate``; this script
-is the loop around it.
+Under torchrun the DiT is replicated on every rank (``parallel.fsdp: false``, the default) or sharded with
+FSDP2 over all ranks with only the adapter trainable (``parallel.fsdp: true``); sequence parallelism inside
+each data-parallel replica: ``parallel.skiparse_sp`` / ``parallel.ulysses_sp`` (docs/rl.md#the-recipe).
+
+Writes ``<out_dir>/ckpt-<iteration>/`` (atomic; adapter, EMA, optimizer, clip statistics, iteration: one
+process and the replicated mode as single files written by rank 0, the FSDP2 mode as a
+torch.distributed.checkpoint directory every rank writes its shards into; ``--resume`` continues either
+exactly, in the mode that wrote it), ``<out_dir>/log.jsonl`` (rewards mean / std per reward, KL, clip
+fraction, approximate KL, window, times) and, when the schedule completes,
+``<out_dir>/final/pytorch_lora_weights.safetensors`` (the EMA adapter, gathered to rank 0 under FSDP2,
+diffusers format: ``recipes/sample.py --lora``).  The iteration is ``ospfn.rl.trainer.RLTrainer.iterate``;
+this script is the loop around it.
 """
 
 from __future__ import annotations

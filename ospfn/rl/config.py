@@ -224,14 +224,21 @@ class RLTrainSection:
 
 @dataclass(frozen=True)
 class RLParallelSection:
-    """Sequence parallelism under torchrun (data parallel = world / (skiparse_sp * ulysses_sp))."""
+    """Under torchrun: sequence parallelism (data parallel = world / (skiparse_sp * ulysses_sp)) and how the
+    DiT is held: ``fsdp: false`` (default) replicates it on every rank (single-file checkpoints written by rank
+    0), ``fsdp: true`` shards it with FSDP2 over all ranks, only the LoRA adapter trainable (DCP checkpoints).
+    One process ignores ``fsdp``."""
 
     skiparse_sp: int = 1
     ulysses_sp: int = 1
+    fsdp: bool = False
 
     def __post_init__(self):
         _int("parallel.skiparse_sp", self.skiparse_sp, 1)
         _int("parallel.ulysses_sp", self.ulysses_sp, 1)
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"parallel.fsdp must be true (FSDP2: the DiT sharded over all ranks) or false (the DiT replicated on "
+                             f"every rank), got {self.fsdp!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)

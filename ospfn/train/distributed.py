@@ -192,10 +192,13 @@ def _naming_reader(path):
     return NamingReader(str(path))
 
 
-def save_dcp(out_dir, step: int, modules: TrainModules, optimizer, ema: ShardedEMA, extra: dict, keep: int = 2) -> Path:
+def save_dcp(out_dir, step: int, modules: nn.Module, optimizer, ema: ShardedEMA, extra: dict, keep: int = 2, *,
+             options=None) -> Path:  # fmt: skip
     """Collective: every rank writes its shards into ``.ckpt-<step>.tmp-<pid of rank 0>``, which rank 0 renames
     to ``ckpt-<step>`` once every rank is done (the temporaries of a killed run are swept on the next start).
-    A failure on any rank raises ``ospfn.train.step.RunError`` with the same message on every rank."""
+    A failure on any rank raises ``ospfn.train.step.RunError`` with the same message on every rank.
+    ``options``: the ``StateDictOptions`` of ``get_state_dict`` (e.g. ``ignore_frozen_params=True`` to write a
+    LoRA run's adapter without the frozen base model); None: torch's defaults."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -217,7 +220,7 @@ def save_dcp(out_dir, step: int, modules: TrainModules, optimizer, ema: ShardedE
     names = [tmp_name]
     dist.broadcast_object_list(names, src=0)
     tmp = out_dir / names[0]
-    model_sd, optim_sd = get_state_dict(modules, optimizer)
+    model_sd, optim_sd = get_state_dict(modules, optimizer, options=options)
     try:
         dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.as_dtensors()}, checkpoint_id=str(tmp))
     except CheckpointException as e:  # raised on every rank by DCP itself
@@ -282,9 +285,10 @@ def check_dcp(path) -> tuple[str, dict | None]:
     return "", extra
 
 
-def load_dcp(path, modules: TrainModules, optimizer, ema: ShardedEMA) -> dict:
+def load_dcp(path, modules: nn.Module, optimizer, ema: ShardedEMA, *, options=None) -> dict:
     """Collective: restore model, optimizer and EMA shards; returns the scalar training state.  A missing,
-    truncated or unreadable file (as any rank sees it) raises ``DCPCheckpointError`` naming it on every rank."""
+    truncated or unreadable file (as any rank sees it) raises ``DCPCheckpointError`` naming it on every rank.
+    ``options``: the ``StateDictOptions`` the checkpoint was written with (``save_dcp``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -293,14 +297,14 @@ def load_dcp(path, modules: TrainModules, optimizer, ema: ShardedEMA) -> dict:
 
     problem, extra = check_dcp(path)
     agree(not problem, f"--resume: {problem}", error=DCPCheckpointError)
-    model_sd, optim_sd = get_state_dict(modules, optimizer)
+    model_sd, optim_sd = get_state_dict(modules, optimizer, options=options)
     ema_sd = ema.as_dtensors()
     state = {"model": model_sd, "optim": optim_sd, "ema": ema_sd}
     try:
         dcp.load(state, checkpoint_id=str(path), storage_reader=_naming_reader(path))
     except CheckpointException as e:  # raised on every rank by DCP itself
         raise DCPCheckpointError(f"--resume: cannot read the checkpoint {path}: {_first_failure(e)}") from None
-    set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     ema.load_local(state["ema"])
     return extra
 
