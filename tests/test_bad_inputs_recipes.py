@@ -480,8 +480,13 @@ def test_out_paths():
 def test_every_shipped_config_loads():
     files = sorted((RECIPES / "configs").glob("*.yaml"))
     assert {f.name for f in files} >= {"tiny_flashi2v.yaml", "tiny_flashi2v_ssp.yaml", "osp_next_1_3b.yaml"}
-    for f in files:
-        load_config(f, SFTConfig)
+    for f in files:  # RL configs (*_rl.yaml) are RLConfig files
+        if f.stem.endswith("_rl"):
+            from ospfn.rl.config import RLConfig
+
+            load_config(f, RLConfig)
+        else:
+            load_config(f, SFTConfig)
     big = load_config(RECIPES / "configs" / "osp_next_1_3b.yaml", SFTConfig)
     assert big.model.preset == "osp-next-1.3b" and big.model.overrides.get("skiparse_model_type", "dual_end") == "dual_end"
     from ospfn.train.sft import derive_configs

@@ -361,3 +361,24 @@ def test_user_rewards_are_checked_too():
 def test_check_reward_inputs_returns_lists():
     v, p, ff = check_reward_inputs(V, ("a",), None)
     assert v is V and p == ["a"] and ff is None
+
+
+def test_first_frame_reward_is_the_psnr_of_frame_zero():
+    """PSNR of frame 0 against the condition image, in [0, 1] pixel units, written out with math here."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    video = torch.rand(3, 3, 4, 8, 8, generator=g) * 2 - 1
+    video[0, :, 0] = first[0]  # exact: the cap
+    video[1, :, 0] = (first[1] + 0.1).clamp(-1, 1)
+    r = make_reward("first_frame", cap=50.0)(video, ["a", "b", "c"], first_frames=first)
+    assert r[0] == 50.0
+    for i in (1, 2):
+        mse = sum(((float(a) - float(b)) / 2) ** 2 for a, b in zip(video[i, :, 0].flatten(), first[i].flatten())) / first[i].numel()
+        assert float(r[i]) == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    assert float(r[1]) > float(r[2])  # the nearer frame 0 scores higher
+    with pytest.raises(ValueError, match="first_frames is required"):
+        make_reward("first_frame")(video, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"cap=0 must be a finite number > 0"):
+        make_reward("first_frame", cap=0)

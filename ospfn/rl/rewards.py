@@ -21,7 +21,8 @@ caption and the first frame, so they score generated videos of held-out examples
 * ``"fidelity"`` (:class:`FidelityReward`): in every later frame, the object looks like the first frame's object
   moved to where it is tracked (colour, shape and sharpness at once);
 * ``"sharpness"`` (:class:`SharpnessReward`): the object's edge energy in every later frame matches the first
-  frame's.
+  frame's;
+* ``"first_frame"`` (:class:`FirstFrameReward`): PSNR of the generated frame 0 against the condition image.
 
 They segment the object the way :func:`ospfn.eval.trackers.track_object` does (a plane per channel fitted to the
 2-px border ring as background, a 3 x 3 box-smoothed colour distance, threshold 0.35), batched in torch.  All
@@ -64,6 +65,7 @@ __all__ = [
     "MotionReward",
     "FidelityReward",
     "SharpnessReward",
+    "FirstFrameReward",
     "reward_registry",
     "register_reward",
     "make_reward",
@@ -466,10 +468,42 @@ class MotionReward(_SyntheticReward):
 # --------------------------------------------------------------------------------------------------------------
 # registry
 
+class FirstFrameReward(Reward):
+    """``"first_frame"``: PSNR (dB) of the generated frame 0 against the condition image ``first_frames``, pixels
+    in [0, 1] (the measure ``recipes/eval_tiny.py`` reports), capped at ``cap`` dB.  An image-to-video model
+    should start from its condition image; as an RL reward beside ``fidelity`` it keeps the first frame from
+    drifting.  Needs ``first_frames``.
+
+    Example::
+
+        >>> import torch
+        >>> first = torch.zeros(2, 3, 8, 8)
+        >>> video = torch.zeros(2, 3, 3, 8, 8)
+        >>> video[1, :, 0] = 0.2                              # an error of 0.1 in [0, 1] units: 20 dB
+        >>> [round(x, 3) for x in FirstFrameReward()(video, ["a", "b"], first_frames=first).tolist()]
+        [60.0, 20.0]
+    """
+
+    default_name = "first_frame"
+
+    def __init__(self, *, weight: float = 1.0, name: Optional[str] = None, cap: float = 60.0):
+        super().__init__(weight=weight, name=name)
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"FirstFrameReward: cap={cap!r} must be a finite number > 0 (dB)")
+        self.cap = float(cap)
+
+    def score(self, video, prompts, first_frames):
+        if first_frames is None:
+            raise ValueError(f"FirstFrameReward({self.name!r}): first_frames is required (the condition images [B, 3, H, W])")
+        mse = ((video[:, :, 0].double() - first_frames.double()) / 2).pow(2).flatten(1).mean(1)
+        return (-10 * torch.log10(mse.clamp_min(10 ** (-self.cap / 10)))).clamp(max=self.cap)
+
+
 reward_registry: dict[str, Callable[..., Reward]] = {
     "motion": MotionReward,
     "fidelity": FidelityReward,
     "sharpness": SharpnessReward,
+    "first_frame": FirstFrameReward,
 }
 
 
