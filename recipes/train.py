@@ -27,7 +27,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 
 def _path_arg(text: str) -> str:
@@ -69,27 +68,14 @@ def progress_bar(start: int, end: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ospfn.train.build import TrainError, make_trainer
-    from ospfn.train.config import ConfigError, load_config, resolve_device
+    from ospfn.train.config import ConfigError, run_setup
     from ospfn.train.sft import SFTConfig
 
     try:
-        cfg = load_config(args.config, SFTConfig)
+        cfg, out_dir, device = run_setup(args, SFTConfig)
     except ConfigError as e:  # names the file and the key (or the line of a YAML syntax error)
         fail(str(e))
-    except FileNotFoundError as e:
-        fail(f"--config: {e}")
-    out_dir = Path(args.out_dir if args.out_dir is not None else cfg.out_dir)
-    if not out_dir.is_absolute():
-        out_dir = Path.cwd() / out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"{'--out-dir' if args.out_dir is not None else 'out_dir'}: {out_dir} exists and is not a directory")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    from ospfn.train.build import launch_world
-
     try:
-        # one process: the given device, else cuda when available; under torchrun: from the launch unless given
-        device = args.device if args.device is not None or launch_world() > 1 else resolve_device(None)
         trainer = make_trainer(cfg, out_dir, resume=args.resume, device=device)
     except TrainError as e:
         fail(str(e))

@@ -29,7 +29,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 
 def _path_arg(text: str) -> str:
@@ -63,24 +62,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ospfn.rl.config import RLConfig
     from ospfn.rl.trainer import make_rl_trainer
-    from ospfn.train.build import TrainError, launch_world
-    from ospfn.train.config import ConfigError, load_config, resolve_device
+    from ospfn.train.build import TrainError
+    from ospfn.train.config import ConfigError, run_setup
 
     try:
-        cfg = load_config(args.config, RLConfig)
-    except ConfigError as e:
+        cfg, out_dir, device = run_setup(args, RLConfig)
+    except ConfigError as e:  # names the file and the key (or the line of a YAML syntax error)
         fail(str(e))
-    except FileNotFoundError as e:
-        fail(f"--config: {e}")
-    out_dir = Path(args.out_dir if args.out_dir is not None else cfg.out_dir)
-    if not out_dir.is_absolute():
-        out_dir = Path.cwd() / out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"{'--out-dir' if args.out_dir is not None else 'out_dir'}: {out_dir} exists and is not a directory")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
-        device = args.device if args.device is not None or launch_world() > 1 else resolve_device(None)
         trainer = make_rl_trainer(cfg, out_dir, resume=args.resume, device=device)
     except TrainError as e:
         fail(str(e))

@@ -13,7 +13,7 @@ from ospfn.lora.adapter import DEFAULT_TARGETS, LORA_INITS, LORA_MODULES
 from ospfn.rl.grpo import AGGREGATIONS
 from ospfn.rl.rollout import SDE_KINDS
 from ospfn.rl.window import STRATEGIES
-from ospfn.train.sft import _int, _num
+from ospfn.train.sft import _int, _num, check_optim
 
 __all__ = ["RLConfig", "LoraSection", "PromptSection", "WindowSection", "RolloutSection", "RewardSpec", "GRPOSection",
            "RLOptimSection", "RLTrainSection", "RLParallelSection"]  # fmt: skip
@@ -188,18 +188,8 @@ class RLOptimSection:
     clip_k: float = 3.0
 
     def __post_init__(self):
-        _num("optim.lr", self.lr, 0, lo_open=True)
-        _num("optim.weight_decay", self.weight_decay, 0)
-        b = self.betas
-        if not isinstance(b, (list, tuple)) or len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {b!r}")
-        object.__setattr__(self, "betas", tuple(float(x) for x in b))
-        _num("optim.eps", self.eps, 0, lo_open=True)
-        _num("optim.ema_decay", self.ema_decay, 0, 1, hi_open=True)
-        _bool("optim.adaptive_clip", self.adaptive_clip)
-        _num("optim.clip_initial", self.clip_initial, 0, lo_open=True)
-        _num("optim.clip_decay", self.clip_decay, 0, 1, hi_open=True)
-        _num("optim.clip_k", self.clip_k, 0)
+        check_optim(self)
+        object.__setattr__(self, "betas", tuple(float(x) for x in self.betas))
 
 
 @dataclass(frozen=True)

@@ -321,3 +321,33 @@ def load_config(source, schema):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def run_setup(args, schema):
+    """What ``recipes/train.py`` and ``recipes/train_rl.py`` do before building a run: load ``args.config``
+    with ``schema``, resolve the output directory (``--out-dir`` over the config's ``out_dir``, made absolute),
+    apply ``--threads`` and pick the device (``--device``; otherwise, with one process, cuda when available).
+    Returns (config, out_dir, device); a problem raises ``ConfigError`` with the message for the user."""
+    from pathlib import Path
+
+    import torch
+
+    from ospfn.parallel.mesh import world_from_env
+
+    try:
+        cfg = load_config(args.config, schema)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--config: {e}") from None
+    out_dir = Path(args.out_dir if args.out_dir is not None else cfg.out_dir)
+    if not out_dir.is_absolute():
+        out_dir = Path.cwd() / out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{'--out-dir' if args.out_dir is not None else 'out_dir'}: {out_dir} exists and is not a directory")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        launched = world_from_env(1, where="train") > 1
+    except ValueError as e:  # a malformed WORLD_SIZE
+        raise ConfigError(str(e)) from None
+    device = args.device if args.device is not None or launched else resolve_device(None)
+    return cfg, out_dir, device

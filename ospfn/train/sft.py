@@ -212,21 +212,27 @@ class OptimSection:
     clip_k: float = 3.0
 
     def __post_init__(self):
-        _num("optim.lr", self.lr, 0, lo_open=True)
-        _num("optim.weight_decay", self.weight_decay, 0)
-        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
-            raise ValueError(f"optim.betas must be a pair [beta1, beta2] of numbers in [0, 1), got {self.betas!r}")
-        for i, b in enumerate(self.betas):
-            _num(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
-        _num("optim.eps", self.eps, 0, lo_open=True)
+        check_optim(self)
         _int("optim.warmup_steps", self.warmup_steps, 0)
         _num("optim.branch_lr_mult", self.branch_lr_mult, 0)
-        _num("optim.ema_decay", self.ema_decay, 0, 1, hi_open=True)
-        if not isinstance(self.adaptive_clip, bool):
-            raise ValueError(f"optim.adaptive_clip must be true or false, got {type(self.adaptive_clip).__name__} {self.adaptive_clip!r}")
-        _num("optim.clip_initial", self.clip_initial, 0, lo_open=True)
-        _num("optim.clip_decay", self.clip_decay, 0, 1, hi_open=True)
-        _num("optim.clip_k", self.clip_k, 0)
+
+
+def check_optim(sec) -> None:
+    """Validate the AdamW / EMA / clipping keys an ``optim`` section shares with the RL config's (lr,
+    weight_decay, betas, eps, ema_decay, adaptive_clip, clip_initial, clip_decay, clip_k)."""
+    _num("optim.lr", sec.lr, 0, lo_open=True)
+    _num("optim.weight_decay", sec.weight_decay, 0)
+    if not isinstance(sec.betas, (list, tuple)) or len(sec.betas) != 2:
+        raise ValueError(f"optim.betas must be a pair [beta1, beta2] of numbers in [0, 1), got {sec.betas!r}")
+    for i, b in enumerate(sec.betas):
+        _num(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
+    _num("optim.eps", sec.eps, 0, lo_open=True)
+    _num("optim.ema_decay", sec.ema_decay, 0, 1, hi_open=True)
+    if not isinstance(sec.adaptive_clip, bool):
+        raise ValueError(f"optim.adaptive_clip must be true or false, got {type(sec.adaptive_clip).__name__} {sec.adaptive_clip!r}")
+    _num("optim.clip_initial", sec.clip_initial, 0, lo_open=True)
+    _num("optim.clip_decay", sec.clip_decay, 0, 1, hi_open=True)
+    _num("optim.clip_k", sec.clip_k, 0)
 
 
 @dataclass(frozen=True)
