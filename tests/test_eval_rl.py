@@ -153,7 +153,7 @@ def test_random_adapter_changes_the_videos_as_the_merged_weights_do(eval_rl, ada
     [
         (["--lora", "{zero}", "--num", "1"], r"argument --num: must be an int in \[2, 100000\], got '1'"),
         (["--num", "4"], r"the following arguments are required: --lora"),
-        (["--lora", "{zero}", "--reward", "beauty"], r"argument --reward: invalid choice: 'beauty' \(choose from '?fidelity'?, '?motion'?, '?sharpness'?"),
+        (["--lora", "{zero}", "--reward", "beauty"], r"argument --reward: invalid choice: 'beauty' \(choose from '?fidelity'?, '?first_frame'?, '?motion'?, '?sharpness'?"),
         (["--lora", "{zero}:nan"], r"argument --lora: the weight in '.*zero:nan' must be a finite number, got 'nan'"),
         (["--lora", "{zero}", "--steps", "0"], r"argument --steps: must be an int in \[1, 10000\], got '0'"),
     ],

@@ -307,7 +307,7 @@ def test_motion_needs_a_direction_in_every_prompt():
         (lambda: FidelityReward(dilate=-1), r"FidelityReward: dilate=-1 must be an int in \[0, 8\]"),
         (lambda: MotionReward(scale_px=float("inf")), r"MotionReward: scale_px=inf must be a finite number > 0"),
         (lambda: MotionReward(name=""), r"MotionReward: name='' must be a non-empty str"),
-        (lambda: make_reward("aesthetic"), r"make_reward: name='aesthetic' is not a known reward; known: \['fidelity', 'motion', 'sharpness'"),
+        (lambda: make_reward("aesthetic"), r"make_reward: name='aesthetic' is not a known reward; known: \['fidelity', 'first_frame', 'motion', 'sharpness'"),
     ],
 )
 def test_bad_options_are_named(factory, match):
