@@ -103,6 +103,7 @@ def test_two_ranks_equal_one_process(tmp_path, parallel):
     for weights, r in results:
         assert r["samples"] == rec["samples"] and r["reward_fidelity_mean"] == pytest.approx(rec["reward_fidelity_mean"], rel=1e-5)
         assert r["loss"] == pytest.approx(rec["loss"], abs=1e-6)  # ratio 1: the loss is -mean(A) (~0) up to rounding
+        assert r["grad_norm"] == pytest.approx(rec["grad_norm"], rel=1e-4)  # the summed gradient is the one-process one
         assert r["kl"] == rec["kl"] == 0.0 and r["approx_kl"] == rec["approx_kl"] == 0.0
         for k, v in single.named.items():
             torch.testing.assert_close(weights[k], v.detach(), rtol=1e-4, atol=1e-7)

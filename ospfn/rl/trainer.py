@@ -55,6 +55,7 @@ __all__ = ["RLTrainer", "RLRunError", "make_rl_trainer"]
 
 # seeds of the independent random streams of one iteration: mix_seed(train.seed, STREAM, iteration, ...)
 _NOISE, _SDE = 1, 2
+_STATS = ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_mean")  # the grpo_loss statistics an iteration logs
 
 
 class RLRunError(RuntimeError):
@@ -249,7 +250,8 @@ class RLTrainer:
         n_keep = int((adv_all != 0).sum())
         t1 = time.perf_counter()
 
-        stats = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0}
+        # per-micro-batch statistics stay on the device (summed as float64); read once, after the update
+        stats = torch.zeros(1 + len(_STATS), dtype=torch.float64, device=self.device)
         n_terms = 0
         if n_keep:
             scale = 1.0 / (n_keep * len(trained))  # the loss is a sum over the global kept samples and trained steps
@@ -275,22 +277,19 @@ class RLTrainer:
                         loss.backward()
                     else:  # FSDP averages the gradients over the world: x world makes it their sum
                         (loss * self.world).backward()
-                    stats["loss"] += float(loss.detach())
-                    for name in ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_mean"):
-                        stats[name] += float(s[name]) * len(idx)
+                    stats += torch.stack([loss.detach()] + [s[name] * len(idx) for name in _STATS]).double()
                     n_terms += len(idx)
             if self.dit is not None:
                 self._pad_micro_batches(adv_all, len(keep), len(trained), ro.step(trained[0]), cond)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.named.values()]
         for p, g in zip(self.named.values(), grads):
             p.grad = g
-        summed = torch.tensor([stats["loss"]] + [stats[n] for n in ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_mean")]
-                              + [float(n_terms)], dtype=torch.float64)  # fmt: skip
+        summed = torch.cat([stats.cpu(), torch.tensor([float(n_terms)], dtype=torch.float64)])
         self._all_sum((grads if self.dit is None else []) + [summed])  # FSDP reduced the gradients in backward
         if self.group is not None and self.world > 1:
             summed /= self.world // self.dp  # the ranks of an SP group computed the same terms
         total_terms = max(float(summed[-1]), 1.0)
-        loss = float(summed[0]) / (self.world // self.dp if self.group is not None and self.world > 1 else 1)
+        loss = float(summed[0])
         gnorm, thr = self._clip()
         finite = math.isfinite(loss) and math.isfinite(gnorm)
         oc = cfg.optim
@@ -308,8 +307,8 @@ class RLTrainer:
         self.iteration = it + 1
         rec = {"step": self.iteration, "iteration": self.iteration, "window": [window.start, window.stop], "trained_steps": len(trained),
                "loss": loss, "grad_norm": gnorm, "clip_threshold": thr, "lr": oc.lr, "kept": n_keep, "samples": groups * k}  # fmt: skip
-        for name in ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_mean"):
-            rec[name] = float(summed[1 + ("policy_loss", "kl", "clip_frac", "approx_kl", "ratio_mean").index(name)]) / total_terms
+        for i, name in enumerate(_STATS):
+            rec[name] = float(summed[1 + i]) / total_terms
         for name, r in rewards.items():
             rec[f"reward_{name}_mean"] = float(r.mean())
             rec[f"reward_{name}_std"] = float(r.std()) if r.numel() > 1 else 0.0
