@@ -44,10 +44,13 @@ from ospfn.model.config import DiTConfig
 from ospfn.model.params import param_shapes
 from ospfn.model.text import TextEncoder, TinyTextConfig, TinyTextEncoder
 from ospfn.model.vae import PixelVAE, VideoVAE
+from ospfn.styles import STYLES, style_name, style_prompt
 
-__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "detect_layout", "BUNDLED", "WAN_NEGATIVE_PROMPT", "LAYOUTS"]
+__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "detect_layout", "BUNDLED", "BUNDLED_I2SV", "WAN_NEGATIVE_PROMPT", "LAYOUTS"]
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "tiny_flashi2v"
+# the bundled model fine-tuned for image-to-stylised-video in the 12 styles (docs/i2sv.md; recipes/sample.py --style)
+BUNDLED_I2SV = Path(__file__).resolve().parent / "assets" / "tiny_flashi2v_i2sv"
 
 DEFAULTS = {"frames": 9, "size": [32, 32], "steps": 30, "guidance": 3.0, "shift": 3.0, "fourier_ratio": 0.1, "fps": 8,
             "negative_prompt": "", "scheduler": "euler"}  # fmt: skip
@@ -219,6 +222,7 @@ class Pipeline:
         callback: Optional[Callable[[int, torch.Tensor], None]] = None,
         size: Optional[tuple[int, int]] = None,
         lora=None,
+        style=None,
     ) -> torch.Tensor:
         """A video [3, F, H, W] in [-1, 1] for a str ``prompt``; [B, 3, F, H, W] for a list of B prompts.
 
@@ -252,6 +256,11 @@ class Pipeline:
         ``LoraAdapter`` (e.g. ``load_lora(path)``), an ``(adapter, weight)`` pair, a list of adapters / pairs, or
         a path / list of paths (read with ``load_lora``, weight 1).  Checked against the DiT before any work;
         adapters on another device are moved to the DiT's.  None: the base model.
+
+        ``style``: image-to-stylised-video (docs/i2sv.md): one of the 12 names of ``ospfn.styles.STYLES`` (any
+        case; ``"pixel_art"`` works), or a list of B names / None (one per prompt).  Each prompt is wrapped in
+        its style's template (``ospfn.styles.style_prompt``); the negative prompt is not.  An unknown name
+        raises ``ValueError`` listing the 12.  None: the prompt as given.
         """
         import time
 
@@ -278,6 +287,8 @@ class Pipeline:
         else:
             prompts = [prompt]
         B = len(prompts)
+        styles = _check_styles(style, B, fn)
+        prompts = [style_prompt(p, s) for p, s in zip(prompts, styles)]
         neg, neg_name = pick(negative_prompt, "negative_prompt")
         if isinstance(neg, str):
             negs = [neg] * B
@@ -415,9 +426,34 @@ class Pipeline:
             "batch": B, "frames": frames_v, "size": [H, W], "seed": None if latents is not None else seed,
             "teacache_skipped": 0 if tc is None else int(tc.skipped), "teacache": None if tc is None else tc.stats(),
             "lora": [{"rank": a.config.rank, "alpha": a.config.alpha, "weight": w} for a, w in adapters],
-            "seconds": round(time.perf_counter() - t0, 4),
+            "styles": styles, "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4),
         }  # fmt: skip
         return video if batched else video[0]
+
+
+def _check_styles(style, batch: int, fn: str) -> list:
+    """``generate(style=)`` as one canonical style name or None per prompt."""
+    if style is None or isinstance(style, str):
+        names = [style] * batch
+    elif isinstance(style, (list, tuple)):
+        if len(style) != batch:
+            raise ValueError(f"{fn}: style must be a style name or a list of {batch} (one per prompt), got {len(style)} entries")
+        names = list(style)
+    else:
+        raise TypeError(f"{fn}: style must be a style name ({', '.join(STYLES)}), a list of them (None entries allowed) or None, "
+                        f"got {type(style).__name__}")  # fmt: skip
+    out = []
+    for v in names:
+        if v is None:
+            out.append(None)
+            continue
+        if not isinstance(v, str):
+            raise TypeError(f"{fn}: style entries must be style names or None, got {type(v).__name__} {v!r:.40}")
+        try:
+            out.append(style_name(v))
+        except ValueError:
+            raise ValueError(f"{fn}: unknown style {v!r}; the 12 styles are: {', '.join(STYLES)}") from None
+    return out
 
 
 def _make_teacache(teacache, fn: str, *, branches: int, steps: int):

@@ -18,6 +18,12 @@ pipeline), with a replacement DiT and a model type on top:
         --prompt "the dog runs to the left" --device cuda --dtype bf16 --scheduler unipc --teacache 0.1
     python recipes/sample.py --prompt-file prompts.txt --image first.png --out out/batch   # out/batch_000.mp4, ..., out/batch_grid.mp4
 
+Image-to-stylised-video (one of the 12 styles of ``ospfn.styles.STYLES``; without ``--checkpoint`` the bundled
+model fine-tuned for the styles, 9 frames):
+
+    python recipes/sample.py --style "Pixel art"
+    python recipes/sample.py --style ghibli --image first.png --prompt "a small red circle moving left on a navy background"
+
 ``--out name.mp4`` writes ``name.mp4`` and the strip ``name_frames.png`` beside it; any other ``--out`` is a
 prefix (``out/sample`` -> ``out/sample.mp4``, ``out/sample_frames.png``).  With ``--prompt-file`` (one prompt
 a line, blank lines skipped) the videos are numbered (``name_000.mp4``, ``name_000_frames.png``, ...), all from
@@ -67,6 +73,16 @@ def lora_arg(text: str) -> tuple[str, float]:
             raise argparse.ArgumentTypeError(f"the weight of {text!r} must be a finite number, got {tail!r}")
         return path, w
     return text, 1.0
+
+
+def style_arg(text: str) -> str:
+    """``--style NAME``: the canonical name of one of the 12 styles (any case; spaces, - and _ ignored)."""
+    from ospfn.styles import STYLES, style_name
+
+    try:
+        return style_name(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown style {text!r}; the 12 styles are: {', '.join(STYLES)}") from None
 
 
 def value_checks() -> dict:
@@ -119,6 +135,10 @@ def parse_args(argv=None):
     p.add_argument("--lora", action="append", type=lora_arg, default=None, metavar="PATH[:WEIGHT]",
                    help="a LoRA adapter (diffusers / PEFT / Wan / musubi file or directory) applied with WEIGHT (default 1); "
                         "repeatable (the adapters add up)")  # fmt: skip
+    p.add_argument("--style", type=style_arg, default=None, metavar="NAME",
+                   help="image-to-stylised-video in one of the 12 styles (Ghibli, 3D rendering, Cyberpunk, Ink painting, Oil "
+                        "painting, Pixel art, Vaporwave, Disney, Fairy tale, Gotham noir, Lego, Chibi); without --checkpoint "
+                        "the bundled I2SV model")  # fmt: skip
     p.add_argument("--text-offload", choices=["none", "cpu", "release"], default=None,
                    help="what to do with the UMT5 encoder once the prompts are encoded, before the DiT runs (default: cpu on "
                         "an accelerator, none on the CPU; the tiny encoder has nothing to offload)")  # fmt: skip
@@ -126,7 +146,7 @@ def parse_args(argv=None):
 
 
 SAMPLE_KEYS = {"prompt", "image", "negative_prompt", "steps", "guidance", "shift", "seed", "frames", "size", "checkpoint", "out", "scale",
-               "device", "dtype", "prompt_file", "dit", "model_type", "scheduler", "teacache"}  # fmt: skip
+               "device", "dtype", "prompt_file", "dit", "model_type", "scheduler", "teacache", "style"}  # fmt: skip
 STRING_KEYS = ("prompt", "image", "negative_prompt", "checkpoint", "out", "prompt_file", "dit")
 CHOICE_KEYS = {"dtype": DTYPES, "model_type": MODEL_TYPES, "scheduler": SCHEDULERS}
 
@@ -170,6 +190,11 @@ def apply_config(args, path: str) -> None:
                 v = checks[k](v)
             except ValueError as e:
                 fail(f"{path}: device: {e}")
+        elif k == "style":
+            try:
+                v = style_arg(v) if v is not None else None
+            except argparse.ArgumentTypeError as e:
+                fail(f"{path}: style: {e}")
         else:
             try:
                 v = checks[k].check(v, k)
@@ -210,7 +235,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ospfn.pipeline import BUNDLED
+    from ospfn.pipeline import BUNDLED, BUNDLED_I2SV
     from ospfn.train.config import resolve_device
 
     try:
@@ -219,11 +244,19 @@ def main(argv=None) -> int:
         fail(f"--device: {e}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
-    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
+    if args.checkpoint is not None:
+        ckpt = Path(args.checkpoint)
+    elif args.style is not None:
+        ckpt = BUNDLED_I2SV
+        if not (ckpt / "pipeline.json").exists():
+            fail(f"--style: the bundled image-to-stylised-video model is missing from this installation ({ckpt}); "
+                 "pass --checkpoint with a model trained for the styles")  # fmt: skip
+    else:
+        ckpt = BUNDLED
     if not ckpt.is_dir():
         fail(f"--checkpoint: {ckpt} is not a pipeline directory (a diffusers Wan pipeline, a Wan original directory or an "
              "ospfn pipeline with pipeline.json)")  # fmt: skip
-    bundled = ckpt == BUNDLED and args.dit is None and args.model_type is None
+    bundled = ckpt in (BUNDLED, BUNDLED_I2SV) and args.dit is None and args.model_type is None
     if args.prompt is not None and args.prompt_file is not None:
         fail("--prompt and --prompt-file exclude each other: give one prompt or a file of them")
     prompt = args.prompt
@@ -300,7 +333,7 @@ def main(argv=None) -> int:
         video = pipe.generate(
             p, image, negative_prompt=args.negative_prompt, steps=steps, guidance=args.guidance, shift=args.shift,
             seed=args.seed, frames=frames, size=size, scheduler=args.scheduler, teacache=args.teacache, lora=adapters,
-            callback=(lambda i, z: bar.update(1)) if bar is not None else None,
+            style=args.style, callback=(lambda i, z: bar.update(1)) if bar is not None else None,
         )  # fmt: skip
         skipped += int(pipe.last_info.get("teacache_skipped", 0))
         video = video.float().cpu()
@@ -319,7 +352,7 @@ def main(argv=None) -> int:
     info = {"prompt": prompts[0] if len(prompts) == 1 else prompts, "image": image_path, "seed": args.seed, "steps": steps,
             "frames": int(video.shape[1]), "size": list(video.shape[2:]), "device": str(device), "dtype": args.dtype,
             "model_type": pipe.model_type, "scheduler": pipe.last_info.get("scheduler"), "teacache": args.teacache,
-            "teacache_skipped": skipped, "lora": [[str(p_), w] for p_, w in args.lora] if args.lora else None,
+            "teacache_skipped": skipped, "style": args.style, "lora": [[str(p_), w] for p_, w in args.lora] if args.lora else None,
             "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
     print(json.dumps(info))
     for path in written:

@@ -132,7 +132,8 @@ def test_filter_reasons_each_counted():
                              motion_key="m", motion_range=(0.1, 1.0))
     assert kept == es[:3]  # motion bounds are inclusive
     expect = {"total": 12, "kept": 3, "probed": 0, "bad_cut": 1, "small_area": 1, "aspect": 2,
-              "too_few_frames": 1, "low_fps": 1, "too_short": 1, "missing_motion": 1, "motion": 1}
+              "too_few_frames": 1, "low_fps": 1, "too_short": 1, "missing_motion": 1, "motion": 1,
+              "missing_style": 0, "style": 0, "styles": {}}
     assert rep == expect
     # defaults (no area / frame / motion bound): the 45-frame clip is now too short, motion is not looked at
     kept, rep = filter_clips(es)

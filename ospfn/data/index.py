@@ -6,8 +6,11 @@ Layout
   ``#`` are ignored; the line is split at its **last** comma (so a ``videos_root`` may contain commas, a meta
   path may not); relative paths are relative to the index file's folder; ``~`` is expanded.
 * **Meta JSON**: a list of entries ``{"path": str (relative to videos_root, or absolute), "cap": str | [str, ...],
-  "resolution": {"height": int, "width": int}, "fps": number, "num_frames": int, "cut": [start, end)}``; all but
-  ``path`` and ``cap`` optional (``null`` counts as absent).  ``num_frames`` is the frame count of the whole
+  "resolution": {"height": int, "width": int}, "fps": number, "num_frames": int, "cut": [start, end),
+  "style": str | int}``; all but ``path`` and ``cap`` optional (``null`` counts as absent).  ``style`` labels an
+  image-to-stylised-video clip with one of the 12 styles of :mod:`ospfn.styles` (a name in any spelling
+  :func:`ospfn.styles.style_id` takes, or its id 0..11; stored as the canonical name); training wraps the caption
+  in that style's template.  ``num_frames`` is the frame count of the whole
   file, ``cut`` a half-open frame range inside it.  Any other keys (a motion score, an aesthetic score, ...) are
   kept in :attr:`ClipEntry.extra`.
 
@@ -28,12 +31,13 @@ from typing import Any, Iterable, Mapping
 from ospfn.data._checks import check_sampling_args, is_int, is_num
 from ospfn.data._decode import probe
 from ospfn.data.sampling import source_frames_needed
+from ospfn.styles import STYLES, style_name
 
 __all__ = ["ClipEntry", "load_index", "filter_clips", "FILTER_REASONS"]
 
 FILTER_REASONS = ("bad_cut", "small_area", "aspect", "too_few_frames", "low_fps", "too_short", "missing_motion",
-                  "motion")
-_KNOWN_KEYS = ("path", "cap", "resolution", "fps", "num_frames", "cut")
+                  "motion", "missing_style", "style")
+_KNOWN_KEYS = ("path", "cap", "resolution", "fps", "num_frames", "cut", "style")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ClipEntry:
         num_frames: frames in the whole file, or None.
         cut: ``(start, end)`` half-open frame range of the clip inside the file, or None (the whole file).
         extra: the entry's other meta keys (e.g. a motion score), unchanged.
+        style: the I2SV style label (a canonical name of ``ospfn.styles.STYLES``), or None.
         source: the meta JSON the entry came from (for error messages), "" if built by hand.
 
     Example::
@@ -66,6 +71,7 @@ class ClipEntry:
     cut: tuple[int, int] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     source: str = ""
+    style: str | None = None
 
     def __post_init__(self) -> None:
         # the types the rest of ospfn.data relies on (e.g. captions given as one str would become one caption per
@@ -88,6 +94,11 @@ class ClipEntry:
             if not isinstance(cut, (tuple, list)) or len(cut) != 2 or not all(is_int(c) for c in cut) or not 0 <= cut[0] < cut[1]:
                 raise ValueError(f"{fn}: cut must be None or (start, end) ints with 0 <= start < end, got {cut!r}")
             object.__setattr__(self, "cut", (cut[0], cut[1]))
+        if self.style is not None:
+            try:
+                object.__setattr__(self, "style", style_name(self.style))
+            except (TypeError, ValueError):
+                raise ValueError(f"{fn}: style must be None or one of the 12 styles ({', '.join(STYLES)}), got {self.style!r}") from None
 
     @property
     def caption(self) -> str:
@@ -153,6 +164,13 @@ def _parse_entry(entry: object, k: int, meta_path: str, root: str) -> ClipEntry:
         ):
             raise ValueError(f"{where}: key 'cut' must be [start, end) ints with 0 <= start < end, got {cut!r}")
         cut = (cut[0], cut[1])
+    style = entry.get("style")
+    if style is not None:
+        try:
+            style = style_name(style)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: key 'style' must be one of the 12 styles ({', '.join(STYLES)}) or its id 0..11, "
+                             f"got {style!r:.80}") from None
     extra = {key: v for key, v in entry.items() if key not in _KNOWN_KEYS}
     return ClipEntry(
         path=os.path.join(root, os.path.expanduser(path)),
@@ -164,6 +182,7 @@ def _parse_entry(entry: object, k: int, meta_path: str, root: str) -> ClipEntry:
         cut=cut,
         extra=extra,
         source=meta_path,
+        style=style,
     )
 
 
@@ -249,6 +268,7 @@ def filter_clips(
     sample_num_frames: int = 49,
     motion_key: str | None = None,
     motion_range: tuple[float, float] | None = None,
+    styles: Iterable[str] | None = None,
 ) -> tuple[list[ClipEntry], dict[str, int]]:
     """Keep the clips fit for training; report how many were dropped and why.
 
@@ -267,10 +287,13 @@ def filter_clips(
     * ``"too_short"``: fewer frames inside the cut than :func:`~ospfn.data.sampling.source_frames_needed`
       (``sample_num_frames`` at ``train_fps``);
     * ``"missing_motion"`` / ``"motion"``: with ``motion_key``, the entry's ``extra[motion_key]`` is absent (or not
-      a number) / outside ``motion_range`` (inclusive).
+      a number) / outside ``motion_range`` (inclusive);
+    * ``"missing_style"`` / ``"style"``: with ``styles`` (style names, any spelling ``ospfn.styles.style_id``
+      takes), the entry has no style label / a style not among them.
 
-    Returns ``(kept, report)``; ``report`` has ``"total"``, ``"kept"``, ``"probed"`` (files opened) and a count
-    for every reason in :data:`FILTER_REASONS` (zeros included).
+    Returns ``(kept, report)``; ``report`` has ``"total"``, ``"kept"``, ``"probed"`` (files opened), a count
+    for every reason in :data:`FILTER_REASONS` (zeros included) and ``"styles"``: the kept clips per style label
+    (``{name: count}`` over the labelled clips, zeros included for the ``styles`` asked for).
 
     Example::
 
@@ -309,7 +332,18 @@ def filter_clips(
     if motion_key is not None and not isinstance(motion_key, str):
         raise ValueError(f"{fn}: motion_key={motion_key!r} must be a string (a key of the meta entries)")
 
+    want_styles = None
+    if styles is not None:
+        if isinstance(styles, str):
+            raise ValueError(f"{fn}: styles={styles!r} must be a collection of style names, not one str (wrap it in a list)")
+        want_styles = set()
+        for v in styles:
+            try:
+                want_styles.add(style_name(v))
+            except (TypeError, ValueError):
+                raise ValueError(f"{fn}: styles holds {v!r}, which is not one of the 12 styles ({', '.join(STYLES)})") from None
     report = {"total": 0, "kept": 0, "probed": 0, **{r: 0 for r in FILTER_REASONS}}
+    per_style = {name: 0 for name in STYLES if want_styles is not None and name in want_styles}
     kept: list[ClipEntry] = []
     for e in entries:
         _check_entry(e, fn)
@@ -344,9 +378,17 @@ def filter_clips(
                 reason = "missing_motion"
             elif not motion_range[0] <= val <= motion_range[1]:
                 reason = "motion"
+        if reason is None and want_styles is not None:
+            if e.style is None:
+                reason = "missing_style"
+            elif e.style not in want_styles:
+                reason = "style"
         if reason is None:
             kept.append(e)
+            if e.style is not None:
+                per_style[e.style] = per_style.get(e.style, 0) + 1
         else:
             report[reason] += 1
     report["kept"] = len(kept)
+    report["styles"] = {name: per_style[name] for name in STYLES if name in per_style}
     return kept, report

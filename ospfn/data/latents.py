@@ -15,7 +15,8 @@ Layout of a cache directory::
                                 "cond.k"    [C, 1, h, w]      frame 0 encoded on its own (FlashI2V caches)
                                 "context.k" [L_k, D]          the caption's features, cut to its L_k tokens
                               and in the header metadata ("ospfn.samples") one JSON record per sample:
-                              source_index, caption, path, bucket, frame_indices
+                              source_index, caption, path, bucket, frame_indices, style (I2SV clips: the
+                              context is the caption wrapped in the style template)
     empty.safetensors         "context" [L, D]: the empty prompt's features (text dropout)
     text_encoder.safetensors  the tiny text encoder's weights (text kind "tiny" only: an export needs them)
 
@@ -53,6 +54,7 @@ from typing import Callable, Optional
 import torch
 
 from ospfn._fs import atomic_path, stale_temporaries, write_text_atomic
+from ospfn.styles import style_prompt
 
 __all__ = ["LatentCacheError", "CacheItemError", "LatentDataset", "prepare_cache", "read_cache_index", "CACHE_FORMAT"]
 
@@ -206,7 +208,7 @@ def _encode_one(item, i: int, *, text, vae, cond: bool, text_spec: dict, vae_spe
     with torch.no_grad():
         z = vae.encode(v)[0].float().cpu()
         c = vae.encode(v[:, :, :1])[0].float().cpu() if cond else None
-        feats, lengths = text.encode([item["caption"]])
+        feats, lengths = text.encode([style_prompt(item["caption"], item.get("style"))])  # an I2SV label: the style's template
     C, D, L = vae_spec["latent_channels"], text_spec["text_dim"], text_spec["text_len"]
     if z.dim() != 4 or z.shape[0] != C:
         raise ValueError(f"item {i}: the VAE gave latents of shape {tuple(z.shape)}, expected [{C}, T, h, w] (vae_spec {vae_spec})")
@@ -218,7 +220,7 @@ def _encode_one(item, i: int, *, text, vae, cond: bool, text_spec: dict, vae_spe
         if t is not None and not bool(torch.isfinite(t).all()):
             raise ValueError(f"item {i}: the {name} hold NaN or Inf")
     record = {"source_index": i, "caption": item["caption"]}
-    for key in ("path", "bucket", "frame_indices"):
+    for key in ("path", "bucket", "frame_indices", "style"):
         if key in item:
             val = item[key]
             record[key] = val.tolist() if isinstance(val, torch.Tensor) else (list(val) if isinstance(val, tuple) else val)

@@ -50,7 +50,8 @@ class VideoDataset(Dataset):
     bucket with the aspect ratio kept, then centre-cropped to it.
 
     Returns a dict: ``video`` float32 [3, num_frames, bh, bw] in [-1, 1]; ``caption`` str; ``path`` str;
-    ``bucket`` (bh, bw); ``frame_indices`` int64 [num_frames] (source frames used); ``index`` int.
+    ``bucket`` (bh, bw); ``frame_indices`` int64 [num_frames] (source frames used); ``index`` int; ``style``
+    str, only for a clip with an I2SV style label (``ClipEntry.style``).
     Items in different buckets have different shapes: batch them per bucket (or use batch size 1).
 
     Errors: ``ValueError`` at construction for a bad argument (naming it), including a bucket whose items would
@@ -148,6 +149,7 @@ class VideoDataset(Dataset):
             "bucket": bucket,
             "frame_indices": torch.tensor(idx, dtype=torch.int64),
             "index": i,
+            **({"style": e.style} if e.style is not None else {}),
         }
 
     def __repr__(self) -> str:

@@ -294,6 +294,8 @@ def _resolve_files(path: Path) -> tuple[list[Path], str]:
         idx = sorted(path.glob("*.safetensors.index.json"))
         if idx:
             return _resolve_files(idx[0])
+        if (path / "diffusion_pytorch_model.safetensors").is_file():  # a diffusers / ospfn pipeline's DiT: its
+            return [path / "diffusion_pytorch_model.safetensors"], "safetensors"  # other files are not the DiT's
         st = sorted(path.glob("*.safetensors"))
         if st:
             return st, "safetensors"

@@ -9,11 +9,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ospfn.lora.adapter import DEFAULT_TARGETS, LORA_INITS, LORA_MODULES
 from ospfn.rl.grpo import AGGREGATIONS
 from ospfn.rl.rollout import SDE_KINDS
 from ospfn.rl.window import STRATEGIES
-from ospfn.train.sft import _int, _num, check_optim
+from ospfn.train.sft import LoraSection, _int, _num, check_optim
 
 __all__ = ["RLConfig", "LoraSection", "PromptSection", "WindowSection", "RolloutSection", "RewardSpec", "GRPOSection",
            "RLOptimSection", "RLTrainSection", "RLParallelSection"]  # fmt: skip
@@ -22,28 +21,6 @@ __all__ = ["RLConfig", "LoraSection", "PromptSection", "WindowSection", "Rollout
 def _bool(key: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false, got {value!r}")
-
-
-@dataclass(frozen=True)
-class LoraSection:
-    """The trained adapter: rank, alpha, targets (in-block Linear names), init and seed (``ospfn.lora``)."""
-
-    rank: int = 32
-    alpha: float = 64.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    init: str = "gaussian"
-    seed: int = 0
-
-    def __post_init__(self):
-        _int("lora.rank", self.rank, 1, 4096)
-        _num("lora.alpha", self.alpha, 0, lo_open=True)
-        t = self.targets
-        if not isinstance(t, (list, tuple)) or not t or any(n not in LORA_MODULES for n in t) or len(set(t)) != len(t):
-            raise ValueError(f"lora.targets must be a non-empty list of distinct names from {list(LORA_MODULES)}, got {t!r}")
-        object.__setattr__(self, "targets", tuple(t))
-        if self.init not in LORA_INITS:
-            raise ValueError(f"lora.init must be one of {list(LORA_INITS)}, got {self.init!r}")
-        _int("lora.seed", self.seed, 0)
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,9 @@ def build_parts(cfg) -> RunParts:
     if cfg.data.kind == "synthetic":
         from ospfn.data import SyntheticMotion
 
+        styled = {} if cfg.data.styles is None else {"styles": cfg.data.styles if isinstance(cfg.data.styles, str) else list(cfg.data.styles)}
         dataset = SyntheticMotion(
-            cfg.data.num_samples, frames=cfg.data.frames, size=tuple(cfg.data.size), split="train", seed=cfg.data.seed
+            cfg.data.num_samples, frames=cfg.data.frames, size=tuple(cfg.data.size), split="train", seed=cfg.data.seed, **styled
         )
     elif cfg.data.kind == "latents":
         dataset = open_cache(cfg, dit_cfg)
@@ -258,7 +259,7 @@ def prepare_from_config(cfg, *, out=None, device="cpu", dtype=torch.float32, sto
 
 
 def _initial_weights(cfg, parts: RunParts) -> tuple[dict, dict]:
-    """(DiT weights: ``model.checkpoint`` or a seeded init, text-encoder weights: a seeded init).
+    """(DiT weights: ``model.checkpoint`` or a seeded init, text-encoder weights: ``text.path`` or a seeded init).
 
     A FlashI2V run may start from a text-to-video checkpoint: its two branches are then created with their
     zero-output initialisation.  On a latent cache the text weights are the (frozen) tiny encoder stored with
@@ -276,7 +277,27 @@ def _initial_weights(cfg, parts: RunParts) -> tuple[dict, dict]:
     )
     if cfg.data.kind == "latents":
         return dit, (parts.dataset.text_weights() if cfg.text.kind == "tiny" else {})
+    if cfg.text.path is not None:  # fine-tuning a pipeline: its tiny encoder's weights (checked against text.*)
+        _, _, text = make_text_encoder(cfg)
+        return dit, {k: v.float() for k, v in text.items()}
     return dit, init_tiny_text_params(parts.text_cfg, seed=seed + 1)
+
+
+def _initial_adapter(cfg, parts: RunParts, ckpt=None):
+    """The LoRA of an adapter run (``lora`` section): ``init_lora`` with ``lora.seed``, or the adapter of the
+    checkpoint ``ckpt`` a run resumes from; None without a ``lora`` section."""
+    from ospfn.lora import LoraAdapter, init_lora
+    from ospfn.train.sft import LORA_PREFIX, lora_config_of
+
+    if cfg.lora is None:
+        return None
+    lcfg = lora_config_of(cfg)
+    if ckpt is None:
+        return init_lora(parts.dit_cfg, lcfg, seed=cfg.lora.seed)
+    tensors = {k[len(LORA_PREFIX):]: v for k, v in ckpt["params"].items() if k.startswith(LORA_PREFIX)}
+    if not tensors:
+        raise TrainError(f"--resume: the checkpoint {ckpt['path']} holds no LoRA adapter (written by a run without a lora section)")
+    return LoraAdapter(lcfg, tensors)
 
 
 def _check_resume_config(saved, cfg, path) -> None:
@@ -338,7 +359,7 @@ def local_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
     ``TextModule`` over the weights, moved there with the EMA and the optimizer state."""
     from ospfn.nn import DiT
     from ospfn.train.distributed import TextModule
-    from ospfn.train.sft import split_params
+    from ospfn.train.sft import LORA_PREFIX, split_params
     from ospfn.model.checkpoint import CheckpointError
     from ospfn.train.state import latest_checkpoint, load_train_state
 
@@ -355,15 +376,21 @@ def local_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
         except CheckpointError as e:
             raise TrainError(f"--resume: {e}") from None
         _check_resume_config(ckpt["state"].get("config"), cfg, ckpt["path"])
+    if ckpt is not None and cfg.lora is None:
         dit_w, text_w = split_params(ckpt["params"])
-    else:
+    else:  # an adapter run's checkpoints hold the adapter only: the frozen base comes from the config
         dit_w, text_w = _initial_weights(cfg, parts)
     dit_w = {k: v.to(dev) for k, v in dit_w.items()}
     text_w = {k: v.to(dev) for k, v in text_w.items()}
-    model = DiT(parts.dit_cfg, dit_w)  # the module's parameters share the tensors' storage
+    adapter = _initial_adapter(cfg, parts, ckpt)
+    model = DiT(parts.dit_cfg, dit_w, lora=None if adapter is None else adapter.to(dev))  # parameters share the tensors' storage
     text = TextModule(text_w, parts.text_cfg)
     text.requires_grad_(cfg.text.train)
-    named = {**{f"dit.{k}": v for k, v in model.named_parameters()}, **{f"text.{k}": v for k, v in text.params().items()}}
+    if adapter is not None:  # only the adapter trains (and is checkpointed, EMA'd and exported)
+        model.freeze_base()
+        named = {f"{LORA_PREFIX}{k}": v for k, v in model.named_lora_parameters()}
+    else:
+        named = {**{f"dit.{k}": v for k, v in model.named_parameters()}, **{f"text.{k}": v for k, v in text.params().items()}}
     trainer = Trainer(cfg, parts, named, model=model, text=text, device=dev)
     if ckpt is not None:
         trainer.load(ckpt)
@@ -404,8 +431,11 @@ def fsdp_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
         problem = str(e) or type(e).__name__
     agree(not problem, problem, error=TrainError)
     dev = st.device
-    modules = TrainModules(DiT(parts.dit_cfg, {k: v.to(dev) for k, v in dit_w.items()}),
+    adapter = _initial_adapter(cfg, parts)  # a resumed adapter run reads the adapter's values from the checkpoint
+    modules = TrainModules(DiT(parts.dit_cfg, {k: v.to(dev) for k, v in dit_w.items()}, lora=None if adapter is None else adapter.to(dev)),
                            TextModule({k: v.to(dev) for k, v in text_w.items()}, parts.text_cfg))  # fmt: skip
+    if adapter is not None:
+        modules.dit.freeze_base()
     if not cfg.text.train:
         modules.text.requires_grad_(False)
     shard(modules, init_device_mesh(dev.type, (st.world,)))

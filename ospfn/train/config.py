@@ -191,6 +191,9 @@ def _coerce(value: Any, tp, path: str):
     if origin is Union:
         if value is None and type(None) in args:
             return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:  # Optional[X]: X's own error (it names the key inside, e.g. lora.rank)
+            return _coerce(value, inner[0], path)
         errors = []
         for a in args:
             if a is type(None):

@@ -320,7 +320,21 @@ class FSDPTrainer(Trainer):
         self.modules, self.parallel = modules, st
         self.world, self.dp, self.dp_rank, self.sp_size = st.world, st.dp, st.dp_rank, st.sp_size
         self.is_main = st.rank == 0
-        super().__init__(cfg, parts, dict(modules.named_parameters()), model=modules.dit, text=modules.text, device=st.device)
+        if cfg.lora is not None:  # an adapter run: only the (sharded) LoRA parameters are trained and checkpointed
+            from ospfn.train.sft import LORA_PREFIX
+
+            named = {f"{LORA_PREFIX}{k}": v for k, v in modules.dit.named_lora_parameters()}
+        else:
+            named = dict(modules.named_parameters())
+        super().__init__(cfg, parts, named, model=modules.dit, text=modules.text, device=st.device)
+
+    def _dcp_options(self):
+        """An adapter run's checkpoints hold the trainable parameters only (the frozen base is ``model.checkpoint``)."""
+        if self.cfg.lora is None:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def make_ema(self, named, decay):
         return ShardedEMA(named, decay)
@@ -351,11 +365,11 @@ class FSDPTrainer(Trainer):
         self.check_finite(Path(out_dir) / f"ckpt-{self.step:08d}")  # each rank its shards, then agreed
         extra = {"step": self.step, "data_pos": self.pos, "clip": self.clip.state_dict(), "config": self.cfg.to_dict(),
                  "skipped_nonfinite": self.skipped_nonfinite}  # fmt: skip
-        return save_dcp(out_dir, self.step, self.modules, self.opt, self.ema, extra, keep=self.cfg.train.keep)
+        return save_dcp(out_dir, self.step, self.modules, self.opt, self.ema, extra, keep=self.cfg.train.keep, options=self._dcp_options())
 
     def load(self, path) -> dict:
         """Restore a ``save`` checkpoint directory; returns its scalar state (with the config it was written with)."""
-        extra = load_dcp(path, self.modules, self.opt, self.ema)
+        extra = load_dcp(path, self.modules, self.opt, self.ema, options=self._dcp_options())
         self.step, self.pos = int(extra["step"]), int(extra["data_pos"])
         self.skipped_nonfinite = int(extra.get("skipped_nonfinite", 0))
         self.clip.load_state_dict(extra["clip"])

@@ -22,7 +22,9 @@ from typing import Literal, Optional, Union
 
 import torch
 
-__all__ = ["SFTConfig", "resume_conflicts", "sample_order", "step_generator", "split_params", "join_params"]
+from ospfn.lora.adapter import DEFAULT_TARGETS, LORA_INITS, LORA_MODULES
+
+__all__ = ["SFTConfig", "LoraSection", "resume_conflicts", "sample_order", "step_generator", "split_params", "join_params"]
 
 # Limits of values that are legal but absurd: each would make the run allocate far more than any machine has.
 MAX_NUM_SAMPLES = 100_000_000  # the data order is a permutation of all samples (8 bytes each), drawn every step
@@ -162,6 +164,9 @@ class DataSection:
     buckets: list = field(default_factory=lambda: [[480, 832]])
     num_workers: int = 0
     cache: Optional[str] = None  # kind=latents: the latent cache directory (recipes/prepare_data.py writes it)
+    # kind=synthetic: null (plain clips), "all" or a list of style names (ospfn.styles.STYLES): image-to-stylised-video
+    # clips, plain first frame then the stylised object; the caption is wrapped in the style's template for training
+    styles: Union[str, list, None] = None
 
     def __post_init__(self):
         if self.kind not in ("synthetic", "video", "latents"):
@@ -184,6 +189,10 @@ class DataSection:
         _opt_path("data.cache", self.cache)
         if self.cache is not None and self.kind != "latents":
             raise ValueError(f"data.cache applies to data.kind 'latents' only, got data.kind {self.kind!r}")
+        check_styles("data.styles", self.styles)
+        if self.styles is not None and self.kind != "synthetic":
+            raise ValueError(f"data.styles applies to data.kind 'synthetic' only (real corpora carry a style field per clip), "
+                             f"got data.kind {self.kind!r}")  # fmt: skip
         per_sample = 3 * self.frames * max(h * w for h, w in self.sizes()) * 4
         if per_sample > MAX_SAMPLE_BYTES:
             raise ValueError(
@@ -195,6 +204,24 @@ class DataSection:
         """The (H, W) sizes a sample can have: ``size`` for synthetic data, the ``buckets`` for video (and for the
         videos a latent cache was made from)."""
         return [tuple(self.size)] if self.kind == "synthetic" else [tuple(b) for b in self.buckets]
+
+
+def check_styles(key: str, value) -> None:
+    """``null``, ``"all"`` or a non-empty list of distinct style names (any spelling ``ospfn.styles.style_id`` takes)."""
+    from ospfn.styles import STYLES, style_name
+
+    if value is None or value == "all":
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{key} must be null, 'all' or a non-empty list of style names ({', '.join(STYLES)}), got {value!r}")
+    names = []
+    for i, v in enumerate(value):
+        try:
+            names.append(style_name(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}[{i}]: unknown style {v!r}; the 12 styles are: {', '.join(STYLES)}") from None
+    if len(set(names)) != len(names):
+        raise ValueError(f"{key} names a style twice: {list(value)}")
 
 
 @dataclass(frozen=True)
@@ -233,6 +260,29 @@ def check_optim(sec) -> None:
     _num("optim.clip_initial", sec.clip_initial, 0, lo_open=True)
     _num("optim.clip_decay", sec.clip_decay, 0, 1, hi_open=True)
     _num("optim.clip_k", sec.clip_k, 0)
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """The trained adapter: rank, alpha, targets (in-block Linear names), init and seed (``ospfn.lora``); shared by the
+    SFT config (``lora:``, adapter-only fine-tuning) and the RL config."""
+
+    rank: int = 32
+    alpha: float = 64.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    init: str = "gaussian"
+    seed: int = 0
+
+    def __post_init__(self):
+        _int("lora.rank", self.rank, 1, 4096)
+        _num("lora.alpha", self.alpha, 0, lo_open=True)
+        t = self.targets
+        if not isinstance(t, (list, tuple)) or not t or any(n not in LORA_MODULES for n in t) or len(set(t)) != len(t):
+            raise ValueError(f"lora.targets must be a non-empty list of distinct names from {list(LORA_MODULES)}, got {t!r}")
+        object.__setattr__(self, "targets", tuple(t))
+        if self.init not in LORA_INITS:
+            raise ValueError(f"lora.init must be one of {list(LORA_INITS)}, got {self.init!r}")
+        _int("lora.seed", self.seed, 0)
 
 
 @dataclass(frozen=True)
@@ -323,10 +373,17 @@ class SFTConfig:
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: Optional[LoraSection] = None  # adapter-only fine-tuning: the DiT (model.checkpoint) and text encoder frozen
 
     def __post_init__(self):
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
+        if self.lora is not None and self.text.train:
+            raise ValueError("text.train must be false with a lora section: an adapter run trains the LoRA only (the DiT and "
+                             "the text encoder stay frozen)")  # fmt: skip
+        if self.lora is not None and self.model.checkpoint is None:
+            raise ValueError("model.checkpoint must name the base DiT a lora section adapts (an adapter on a random model "
+                             "fine-tunes nothing)")  # fmt: skip
         dc, S, U = self.data, self.parallel.skiparse_sp, self.parallel.ulysses_sp
         for kind, key in ((self.text.kind, "text.kind"), (self.vae.kind, "vae.kind")):
             if kind in ("umt5", "wan") and dc.kind != "latents":
@@ -480,6 +537,8 @@ def export_pipeline(cfg: SFTConfig, weights: dict, out, info: Optional[dict] = N
     from ospfn.pipeline import save_pipeline
 
     dit_cfg, text_cfg, vae = derive_configs(cfg)
+    if cfg.lora is not None:
+        return export_lora(cfg, weights, out, info)
     dit, text = split_params(weights)
     if cfg.data.kind == "latents":
         size = list(cfg.data.sizes()[0])
@@ -491,6 +550,32 @@ def export_pipeline(cfg: SFTConfig, weights: dict, out, info: Optional[dict] = N
     if cfg.text.kind == "tiny" and cfg.vae.kind == "pixel":
         return save_pipeline(out, cfg=dit_cfg, params=dit, text_params=text, text_cfg=text_cfg, vae=vae, defaults=defaults, info=info)
     return _export_dit(cfg, dit_cfg, dit, text, Path(out), defaults, info)
+
+
+LORA_PREFIX = "lora."  # the trainable weights of an adapter run: "lora." + the adapter's keys
+
+
+def lora_config_of(cfg: SFTConfig):
+    """The ``ospfn.lora.LoraConfig`` of the config's ``lora`` section."""
+    from ospfn.lora import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(rank=lc.rank, alpha=lc.alpha, targets=lc.targets, init=lc.init)
+
+
+def export_lora(cfg: SFTConfig, weights: dict, out, info: Optional[dict] = None) -> Path:
+    """Write the adapter of an adapter run (``weights``: "lora."-prefixed, e.g. the EMA) in the diffusers LoRA
+    format (``out/pytorch_lora_weights.safetensors``, what ``recipes/sample.py --lora`` and diffusers read); the
+    run's config and ``info`` go into the file's metadata under ``ospfn_sft``."""
+    import json
+
+    from ospfn.lora import LoraAdapter, save_lora
+
+    tensors = {k[len(LORA_PREFIX):]: v.detach().float().cpu().contiguous() for k, v in weights.items() if k.startswith(LORA_PREFIX)}
+    adapter = LoraAdapter(lora_config_of(cfg), tensors)
+    meta = {"ospfn_sft": json.dumps({**(info or {}), "base": cfg.model.checkpoint, "config": cfg.to_dict()})}
+    save_lora(out, adapter, format="diffusers", metadata=meta)
+    return Path(out)
 
 
 def model_type(dit_cfg) -> str:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ospfn.model import RunOptions
+from ospfn.styles import style_prompt
 from ospfn.train.optim import EMA, AdaptiveGradClip, clip_grad_norm, make_adamw, nonfinite_tensors, set_lr, warmup_constant
 from ospfn.train.sft import export_pipeline, param_groups, sample_order, step_generator
 
@@ -235,7 +236,7 @@ class Trainer:
             with torch.no_grad():
                 z0 = vae.encode(videos)
                 s = vae.encode(videos[:, :, :1]) if self.parts.dit_cfg.i2v == "flashi2v" else None
-            ctx, empty = self.encode_text([it["caption"] for it in items])
+            ctx, empty = self.encode_text([style_prompt(it["caption"], it.get("style")) for it in items])
         from ospfn.sched import flow_matching_loss
 
         with self.autocast():
