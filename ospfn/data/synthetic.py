@@ -10,6 +10,11 @@ infer, over a background that is not perfectly flat.
 :mod:`ospfn.eval.trackers` scores such videos, generated ones included: where is the object in every frame, is
 it still there, and does it move the way the caption says.
 
+Image-to-stylised-video (I2SV): with ``styles=`` every item also gets one of the 12 rendering styles of
+:data:`ospfn.styles.STYLES` (:mod:`ospfn.data.stylize` renders them).  Its frame 0 stays the plain rendering (the
+condition image), frames 1..F-1 show the same object on the same path in that style; the caption stays the plain
+caption (the trainer wraps it in the style's template).  :mod:`ospfn.eval.styles` scores such videos.
+
 Conventions
 -----------
 * Videos are float32 ``[3, F, H, W]`` in ``[-1, 1]`` (RGB).
@@ -32,7 +37,9 @@ Determinism and the held-out split
 ----------------------------------
 Item ``i`` is drawn from its own ``numpy.random.Generator`` seeded with ``SeedSequence([seed, split_id, i])``
 (no global RNG state is read or changed), so it depends only on ``(seed, split, i)``: the same item twice gives
-identical tensors, in any process and in DataLoader workers.
+identical tensors, in any process and in DataLoader workers.  A styled item draws its style (uniformly from
+``styles``) from the same generator after all the other draws, so its plain parameters, caption and frame 0 are
+those of the unstyled item ``i`` (and the split argument below holds for styled datasets too).
 
 Disjointness of ``split="eval"`` from ``split="train"`` does not rest on the seeds alone: the object's start
 centre lies on a quarter-pixel lattice ``(qx / 4, qy / 4)`` and train items always have ``qx + qy`` even, eval
@@ -50,6 +57,11 @@ Example::
     (torch.Size([3, 9, 32, 32]), torch.float32)
     >>> item["direction"] in item["caption"].split(), item["centroids"].shape
     (True, torch.Size([9, 2]))
+    >>> styled = SyntheticMotion(4, frames=9, size=(32, 32), seed=0, styles="all")[1]
+    >>> styled["style"], styled["style_id"], styled["caption"] == item["caption"]
+    ('Ghibli', 0, True)
+    >>> bool(torch.equal(styled["video"][:, 0], item["video"][:, 0]))  # frame 0 is the plain one
+    True
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ospfn.data._checks import check_item_size
+from ospfn.styles import STYLES, style_name
 
 __all__ = [
     "SyntheticMotion",
@@ -148,6 +161,24 @@ def render_video(
     if shape not in SHAPES:
         raise ValueError(f"render_video: shape={shape!r} is not allowed; allowed: {SHAPES}")
     h, w = size
+    cov = _coverage(centroids, shape, radius, (h, w))  # [F, H, W]
+    bg = _plain_background(background, gradient, (h, w))  # [3, H, W]
+    col = np.asarray(color, dtype=np.float32)[:, None, None, None]
+    vid = bg[:, None] * (1.0 - cov[None]) + col * cov[None]  # [3, F, H, W]
+    vid = np.clip(vid * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(vid))
+
+
+def _coverage(
+    centroids: np.ndarray | torch.Tensor | Sequence[Sequence[float]], shape: str, radius: float, size: tuple[int, int]
+) -> np.ndarray:
+    """Anti-aliased coverage float32 [F, H, W] in multiples of 1/16 of ``shape`` (radius ``radius``) centred at
+    every row of ``centroids`` [F, 2] (x, y): the fraction of each pixel's 4 x 4 sub-samples inside the shape.
+
+    Shared by :func:`render_video` and :mod:`ospfn.data.stylize` (which also calls it with a scaled ``radius``
+    for outlines: all four shapes scale about their centroid).
+    """
+    h, w = size
     cent = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
     nf = cent.shape[0]
     offs = (np.arange(_SUB, dtype=np.float64) + 0.5) / _SUB - 0.5  # -3/8, -1/8, 1/8, 3/8
@@ -156,17 +187,41 @@ def render_video(
     dx = xs[None, None, :] - cent[:, 0, None, None]  # [F, 1, W*SUB]
     dy = ys[None, :, None] - cent[:, 1, None, None]  # [F, H*SUB, 1]
     inside = _inside(shape, dx, dy, radius)  # [F, H*SUB, W*SUB]
-    cov = inside.reshape(nf, h, _SUB, w, _SUB).sum((2, 4)).astype(np.float32) / (_SUB * _SUB)  # [F, H, W]
+    return inside.reshape(nf, h, _SUB, w, _SUB).sum((2, 4)).astype(np.float32) / (_SUB * _SUB)  # [F, H, W]
+
+
+def _plain_background(background: Sequence[float], gradient: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    """The plain background float32 [3, H, W] in [0, 1]: ``background`` plus the gradient ramp, clipped."""
+    h, w = size
     amp, ang = gradient
     m = float(min(h, w))
     gx = (np.arange(w, dtype=np.float32) - (w - 1) / 2) * math.cos(ang)
     gy = (np.arange(h, dtype=np.float32) - (h - 1) / 2) * math.sin(ang)
     ramp = amp * (gy[:, None] + gx[None, :]) / m  # [H, W]
-    bg = np.clip(np.asarray(background, dtype=np.float32)[:, None, None] + ramp[None], 0.0, 1.0)  # [3, H, W]
-    col = np.asarray(color, dtype=np.float32)[:, None, None, None]
-    vid = bg[:, None] * (1.0 - cov[None]) + col * cov[None]  # [3, F, H, W]
-    vid = np.clip(vid * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(vid))
+    return np.clip(np.asarray(background, dtype=np.float32)[:, None, None] + ramp[None], 0.0, 1.0)  # [3, H, W]
+
+
+def _check_styles(styles: object) -> tuple[str, ...] | None:
+    """``styles`` of :class:`SyntheticMotion` -> None or a tuple of distinct canonical style names."""
+    allowed = f"None, 'all' or a non-empty sequence of distinct style names from {list(STYLES)}"
+    if styles is None:
+        return None
+    if isinstance(styles, str):
+        if styles.strip().lower() == "all":
+            return STYLES
+        raise ValueError(f"SyntheticMotion: styles={styles!r} is not allowed; allowed: {allowed} (for one style pass [{styles!r}])")
+    if not isinstance(styles, Sequence) or len(styles) == 0:
+        raise ValueError(f"SyntheticMotion: styles={styles!r} is not allowed; allowed: {allowed}")
+    names = []
+    for s in styles:
+        try:
+            names.append(style_name(s))
+        except (TypeError, ValueError):
+            raise ValueError(f"SyntheticMotion: styles={styles!r} has an unknown style {s!r}; allowed: {allowed}") from None
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"SyntheticMotion: styles={styles!r} names {dup} more than once; allowed: {allowed}")
+    return tuple(names)
 
 
 class SyntheticMotion(Dataset):
@@ -178,6 +233,9 @@ class SyntheticMotion(Dataset):
         size: ``(H, W)`` in pixels (each >= 16).
         split: ``"train"`` or ``"eval"`` (held out: no eval first frame equals a train first frame).
         seed: non-negative int; item ``i`` depends only on ``(seed, split, i)``.
+        styles: ``None`` (plain clips), ``"all"`` (the 12 styles of :data:`ospfn.styles.STYLES`) or a non-empty
+            sequence of distinct style names (any spelling :func:`ospfn.styles.style_name` accepts): each item
+            draws one uniformly; its frame 0 is plain, frames 1.. in the style (:mod:`ospfn.data.stylize`).
 
     ``ValueError`` (naming the argument) for a bad argument, including an item larger than 8 GiB of float32
     (``ospfn.data._checks.MAX_ITEM_BYTES``) and ``frames`` too many for ``size``: the
@@ -187,7 +245,10 @@ class SyntheticMotion(Dataset):
     Item ``i`` is a dict: ``video`` float32 [3, F, H, W] in [-1, 1]; ``caption`` str; ``direction``, ``shape``,
     ``color``, ``background``, ``size`` (``"small"``/``"large"``) str; ``speed`` float (px/frame);
     ``centroids`` float32 [F, 2] ground-truth (x, y); ``background_rgb`` float32 [3] (the base background colour,
-    in [-1, 1]); ``index`` int.  Negative indices count from the end; others raise ``IndexError``.
+    in [-1, 1]); ``index`` int; ``gradient`` float32 [2] (the background gradient's amplitude and angle, as
+    :func:`render_video` takes it); ``radius`` float (px).  With ``styles``, also ``style`` (the canonical name)
+    and ``style_id`` (its index in :data:`ospfn.styles.STYLES`).  Negative indices count from the end; others
+    raise ``IndexError``.
 
     Example::
 
@@ -198,6 +259,8 @@ class SyntheticMotion(Dataset):
         >>> again = SyntheticMotion(8, frames=5, size=(32, 48), split="eval", seed=3)
         >>> bool(torch.equal(ds[5]["video"], again[5]["video"]))
         True
+        >>> SyntheticMotion(8, styles=["pixel art", "Lego"])
+        SyntheticMotion(num_samples=8, frames=9, size=(32, 32), split='train', seed=0, styles=('Pixel art', 'Lego'))
     """
 
     def __init__(
@@ -208,6 +271,7 @@ class SyntheticMotion(Dataset):
         size: tuple[int, int] = (32, 32),
         split: str = "train",
         seed: int = 0,
+        styles: str | Sequence[str] | None = None,
     ):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
             raise ValueError(f"SyntheticMotion: num_samples={num_samples!r} must be an int in [1, {MAX_NUM_SAMPLES}]")
@@ -224,6 +288,7 @@ class SyntheticMotion(Dataset):
             raise ValueError(f"SyntheticMotion: split={split!r} is not allowed; allowed: {tuple(_SPLITS)}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"SyntheticMotion: seed={seed!r} must be a non-negative int")
+        self.styles = _check_styles(styles)
         self.num_samples = num_samples
         self.frames = frames
         self.size = (int(size[0]), int(size[1]))
@@ -290,7 +355,10 @@ class SyntheticMotion(Dataset):
             vel = (0.0, sign * speed)
         t = np.arange(frames, dtype=np.float64)
         cents = np.stack([x0 + vel[0] * t, y0 + vel[1] * t], axis=1)
+        # the style is drawn after everything else, so a styled item's plain parameters are the unstyled item's
+        style = None if self.styles is None else self.styles[int(rng.integers(len(self.styles)))]
         return dict(
+            style=style,
             shape=shape,
             size=size_name,
             color=color,
@@ -313,7 +381,7 @@ class SyntheticMotion(Dataset):
             raise IndexError(f"SyntheticMotion.__getitem__: index={index} is out of range for {n} samples")
         p = self._params(i)
         video = render_video(
-            p["centroids"],
+            p["centroids"] if p["style"] is None else p["centroids"][:1],  # styled: only frame 0 is plain
             shape=p["shape"],
             radius=p["radius"],
             color=OBJECT_COLORS[p["color"]],
@@ -321,8 +389,22 @@ class SyntheticMotion(Dataset):
             size=self.size,
             gradient=p["gradient"],
         )
+        if p["style"] is not None:  # frame 0 stays plain, frames 1.. in the style
+            from ospfn.data.stylize import render_styled_video
+
+            styled = render_styled_video(
+                p["centroids"][1:],
+                style=p["style"],
+                shape=p["shape"],
+                radius=p["radius"],
+                color=OBJECT_COLORS[p["color"]],
+                background=BACKGROUND_COLORS[p["background"]],
+                size=self.size,
+                gradient=p["gradient"],
+            )
+            video = torch.cat([video[:, :1], styled], dim=1)
         caption = f"a {p['size']} {p['color']} {p['shape']} moving {p['direction']} on a {p['background']} background"
-        return {
+        item = {
             "video": video,
             "caption": caption,
             "direction": p["direction"],
@@ -334,10 +416,17 @@ class SyntheticMotion(Dataset):
             "centroids": torch.tensor(p["centroids"], dtype=torch.float32),
             "background_rgb": torch.tensor(BACKGROUND_COLORS[p["background"]], dtype=torch.float32) * 2 - 1,
             "index": i,
+            "gradient": torch.tensor(p["gradient"], dtype=torch.float32),
+            "radius": float(p["radius"]),
         }
+        if p["style"] is not None:
+            item["style"] = p["style"]
+            item["style_id"] = STYLES.index(p["style"])
+        return item
 
     def __repr__(self) -> str:
+        styles = "" if self.styles is None else f", styles={self.styles!r}"
         return (
             f"SyntheticMotion(num_samples={self.num_samples}, frames={self.frames}, size={self.size}, "
-            f"split={self.split!r}, seed={self.seed})"
+            f"split={self.split!r}, seed={self.seed}{styles})"
         )
