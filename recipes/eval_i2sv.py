@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int_arg(1, 4096), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, type=_path_arg, help="also write the per-example results here")
     p.add_argument("--check", action="store_true", help="fail unless the quality bar is met")
+    p.add_argument("--strip", default=None, type=_path_arg, metavar="PNG",
+                   help="also write a PNG: one row per style (its first example), the condition image then the frames")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -72,14 +74,16 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.json is not None:  # checked now, not after minutes of sampling
-        jp = Path(args.json)
+    for flag, value in (("--json", args.json), ("--strip", args.strip)):  # checked now, not after minutes of sampling
+        if value is None:
+            continue
+        jp = Path(value)
         if jp.is_dir():
-            return fail(f"--json: {jp} is a directory")
+            return fail(f"{flag}: {jp} is a directory")
         if not jp.parent.is_dir():
-            return fail(f"--json: the directory {jp.parent} does not exist")
+            return fail(f"{flag}: the directory {jp.parent} does not exist")
         if not os.access(jp.parent, os.W_OK | os.X_OK):
-            return fail(f"--json: cannot write into {jp.parent}")
+            return fail(f"{flag}: cannot write into {jp.parent}")
 
     import torch
 
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
         return fail(f"--checkpoint: {ckpt} is a text-to-video model; I2SV conditions on a first frame (FlashI2V)")
     d = pipe.defaults
     data = SyntheticMotion(args.num, frames=int(d["frames"]), size=tuple(d["size"]), split="eval", seed=args.seed, styles="all")
-    rows = []
+    rows, firsts = [], {}  # firsts: style -> (image, video) of its first example, for --strip
     t0 = time.perf_counter()
     try:
         from tqdm import tqdm
@@ -113,6 +117,7 @@ def main(argv=None) -> int:
         video = pipe.generate(item["caption"], image=item["video"][:, 0], style=item["style"], seed=i, steps=args.steps,
                               guidance=args.guidance)  # fmt: skip
         score = score_styled_video(video, item, item["style"])
+        firsts.setdefault(item["style"], (item["video"][:, 0], video.detach().cpu().float()))
         rows.append({"index": i, "caption": item["caption"], "style": item["style"], "predicted_style": score["style"],
                      "style_ok": bool(score["style_ok"]), "direction": score["direction"], "direction_ok": bool(score["direction_ok"]),
                      "present_fraction": float(score["present_fraction"])})  # fmt: skip
@@ -122,6 +127,12 @@ def main(argv=None) -> int:
     ok = all(summary[k] >= v for k, v in BAR.items())
     summary["meets_bar"] = ok
     print(json.dumps(summary, indent=2))
+    if args.strip and firsts:
+        from ospfn.io import write_strip_png
+        from ospfn.styles import STYLES
+
+        rows_v = [torch.cat([img[:, None], vid], dim=1) for s in STYLES if s in firsts for img, vid in [firsts[s]]]
+        write_strip_png(args.strip, torch.cat(rows_v, dim=2), scale=4)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "examples": rows}, f, indent=2)

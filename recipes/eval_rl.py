@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int_arg(1, 4096), default=None, help="torch CPU threads (>= 1; default: torch's)")
     p.add_argument("--json", default=None, type=_path_arg, help="also write the per-example results here")
     p.add_argument("--check", action="store_true", help="fail unless the reward improves by > 3 SE with no PSNR / direction loss")
+    p.add_argument("--strip", default=None, type=_path_arg, metavar="PNG",
+                   help="also write a PNG of the first (up to) 4 examples: per example a row of the base video's frames, "
+                        "then a row of the adapter's")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -139,14 +142,16 @@ def frame_metrics(video, image, caption: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.json is not None:  # checked now, not after minutes of sampling
-        jp = Path(args.json)
+    for flag, value in (("--json", args.json), ("--strip", args.strip)):  # checked now, not after minutes of sampling
+        if value is None:
+            continue
+        jp = Path(value)
         if jp.is_dir():
-            return fail(f"--json: {jp} is a directory")
+            return fail(f"{flag}: {jp} is a directory")
         if not jp.parent.is_dir():
-            return fail(f"--json: the directory {jp.parent} does not exist")
+            return fail(f"{flag}: the directory {jp.parent} does not exist")
         if not os.access(jp.parent, os.W_OK | os.X_OK):
-            return fail(f"--json: cannot write into {jp.parent}")
+            return fail(f"{flag}: cannot write into {jp.parent}")
     for path, _ in args.lora:
         if not Path(path).exists():
             return fail(f"--lora: {path} does not exist (a LoRA directory or .safetensors file, optionally PATH:WEIGHT)")
@@ -230,6 +235,12 @@ def main(argv=None) -> int:
     summary["meets_bar"] = not why
     summary["misses"] = why
     print(json.dumps(summary, indent=2))
+    if args.strip:
+        from ospfn.io import write_strip_png
+
+        k = min(4, n)  # rows: example 0 base, example 0 adapter, example 1 base, ...
+        rows_v = [videos[arm][j] for j in range(k) for arm in ("base", "lora")]
+        write_strip_png(args.strip, torch.cat(rows_v, dim=2), scale=4)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "examples": rows}, f, indent=2)

@@ -216,3 +216,46 @@ def test_latent_cache_encodes_the_templated_caption(tmp_path):
         n = int(lengths[i])
         torch.testing.assert_close(data[i]["context"][:n], feats[i, :n].float(), rtol=0, atol=0)
     assert not torch.equal(data[0]["context"], data[1]["context"])
+
+
+# -- the evaluation recipe ----------------------------------------------------------------------------------
+
+
+def _eval_i2sv():
+    spec = importlib.util.spec_from_file_location("recipe_eval_i2sv", ROOT / "recipes" / "eval_i2sv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_eval_i2sv_runs_and_a_plain_model_does_not_pass(tmp_path, capsys):
+    """The plain bundled I2V model ignores the styles: the evaluator must not credit it (its frames are plain)."""
+    from PIL import Image
+
+    from ospfn.data import SyntheticMotion
+    from ospfn.pipeline import BUNDLED
+
+    out, strip = tmp_path / "r.json", tmp_path / "s.png"
+    rc = _eval_i2sv().main(["--checkpoint", str(BUNDLED), "--num", "3", "--steps", "4", "--json", str(out), "--strip", str(strip), "--check"])
+    assert rc == 1  # --check: the bar is not met
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert s["examples"] == 3 and s["style_accuracy"] < 0.8 and not s["meets_bar"]
+    want = [SyntheticMotion(3, frames=5, size=(32, 32), split="eval", seed=0, styles="all")[i]["style"] for i in range(3)]
+    assert [r["style"] for r in res["examples"]] == want
+    img = Image.open(strip)
+    assert img.size == (6 * 32 * 4, len(set(want)) * 32 * 4)  # condition image + 5 frames; one row per style
+
+
+@pytest.mark.parametrize("argv, message", [(["--num", "0"], "--num"), (["--strip", "/nonexistent/dir/x.png"], "--strip: the directory")])
+def test_eval_i2sv_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) if argv[0] == "--num" else _nullcontext():
+        rc = _eval_i2sv().main(argv)
+        assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
