@@ -12,6 +12,11 @@ The bundled tiny FlashI2V model (``ospfn/assets/tiny_flashi2v``) is one; ``recip
 original directories, with an optional replacement DiT (OSP-Next, FlashI2V) and model type on top
 (docs/real_stack.md#pipelines).
 
+Model type ``"uniworld"`` (Uniworld-OSP2.0, docs/i2sv.md#vlm-conditioning-uniworld-osp20): a FlashI2V DiT whose
+context is a trained adapter over a frozen Qwen2.5-VL's features of (first frame, prompt) -- ``load_pipeline(<a
+uniworld export>)`` or ``load_pipeline(<FlashI2V dir>, model_type="uniworld", vlm=<Qwen2.5-VL dir>,
+adapter=<adapter file>)``; ``save_vlm_adapter`` / ``load_vlm_adapter`` write and read the adapter file.
+
     >>> from ospfn.pipeline import load_pipeline, BUNDLED
     >>> pipe = load_pipeline(BUNDLED)                       # doctest: +SKIP
     >>> video = pipe.generate("a red circle moving left on a blue background", image=img, seed=0)  # doctest: +SKIP
@@ -46,7 +51,8 @@ from ospfn.model.text import TextEncoder, TinyTextConfig, TinyTextEncoder
 from ospfn.model.vae import PixelVAE, VideoVAE
 from ospfn.styles import STYLES, style_name, style_prompt
 
-__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "detect_layout", "BUNDLED", "BUNDLED_I2SV", "WAN_NEGATIVE_PROMPT", "LAYOUTS"]
+__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "detect_layout", "BUNDLED", "BUNDLED_I2SV", "WAN_NEGATIVE_PROMPT", "LAYOUTS",
+           "save_vlm_adapter", "read_vlm_adapter", "load_vlm_adapter"]
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "tiny_flashi2v"
 # the bundled model fine-tuned for image-to-stylised-video in the 12 styles (docs/i2sv.md; recipes/sample.py --style)
@@ -74,7 +80,8 @@ def _make_vae(spec: dict):
     raise ValueError(f"pipeline: unknown vae kind {kind!r} (supported: 'pixel'; the Wan2.1 VAE plugs in behind ospfn.model.vae.VideoVAE)")
 
 
-MODEL_TYPES = ("ospfn", "wan", "osp-next", "flashi2v")  # Pipeline.model_type: ospfn's own tiny models, then the families
+# Pipeline.model_type: ospfn's own tiny models, then the families; "uniworld" = FlashI2V + a VLM through an adapter
+MODEL_TYPES = ("ospfn", "wan", "osp-next", "flashi2v", "uniworld")
 
 
 @dataclass
@@ -86,10 +93,16 @@ class Pipeline:
     "pixel", ...}``, ``{"kind": "wan"}``).  ``model_type`` names the model family (``"wan"``, ``"osp-next"``,
     ``"flashi2v"`` or ``"ospfn"`` for ospfn's own tiny models) and ``info`` holds what the loader recorded.
     ``text_offload`` (``"none"``, ``"cpu"``, ``"release"``): what ``generate`` does with an encoder that can be
-    offloaded (UMT5) once the prompts are encoded, before the DiT runs (see ``load_pipeline``).
+    offloaded (UMT5, a uniworld pipeline's VLM) once the prompts are encoded, before the DiT runs (see ``load_pipeline``).
     ``generate`` runs on the device the DiT parameters live on (``load_pipeline(device=...)``); the noise is
     drawn on the CPU from ``seed``, so a seed gives the same video on every device (up to the device's
     rounding).  After each ``generate``, ``last_info`` describes the run (steps, scheduler, TeaCache skips).
+
+    ``model_type="uniworld"`` (Uniworld-OSP2.0): ``text`` is a VLM encoder (``ospfn.model.vlm.QwenVLEncoder``:
+    ``encode(images, prompts)``, ``vlm_dim``) and ``adapter`` / ``adapter_cfg`` the trained context adapter
+    (``init_adapter`` names, ``VLMAdapterConfig``; on the DiT's device): ``generate`` encodes every prompt WITH
+    its first frame and maps the features through ``ospfn.model.vlm.uniworld_context`` (see ``generate``).
+    Other model types take no adapter.
     """
 
     cfg: DiTConfig
@@ -101,8 +114,11 @@ class Pipeline:
     model_type: str = "ospfn"
     info: dict = field(default_factory=dict)
     text_offload: str = "none"
+    adapter: Optional[dict] = field(default=None, repr=False)
+    adapter_cfg: Optional[object] = None
     last_info: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _text_home: Optional[torch.device] = field(default=None, init=False, repr=False, compare=False)
+    _vlm_released: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_type, str) or self.model_type not in MODEL_TYPES:
@@ -112,6 +128,28 @@ class Pipeline:
         for name in ("defaults", "info", "vae_spec"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"Pipeline: {name} must be a dict, got {type(getattr(self, name)).__name__}")
+        if self.model_type != "uniworld":
+            if self.adapter is not None or self.adapter_cfg is not None:
+                raise ValueError(f"Pipeline: adapter / adapter_cfg (the VLM context adapter) apply to model_type 'uniworld' only, "
+                                 f"got model_type {self.model_type!r}")  # fmt: skip
+            return
+        from ospfn.model.vlm import VLMAdapterConfig, check_adapter_params
+
+        if not isinstance(self.adapter_cfg, VLMAdapterConfig):
+            raise TypeError(f"Pipeline: model_type 'uniworld' needs adapter_cfg, a VLMAdapterConfig, got {type(self.adapter_cfg).__name__}")
+        check_adapter_params(self.adapter, self.adapter_cfg, "Pipeline: adapter")
+        if self.cfg.i2v != "flashi2v":
+            raise ValueError(f"Pipeline: model_type 'uniworld' is a FlashI2V model; the DiT config has i2v={self.cfg.i2v!r}")
+        if not callable(getattr(self.text, "encode", None)) or not isinstance(getattr(self.text, "vlm_dim", None), int):
+            raise TypeError(f"Pipeline: model_type 'uniworld' needs a VLM text encoder (ospfn.model.vlm.QwenVLEncoder: "
+                            f"encode(images, prompts), vlm_dim), got {type(self.text).__name__}")  # fmt: skip
+        a = self.adapter_cfg
+        pairs = [("vlm_dim", a.vlm_dim, "the VLM's width", self.text.vlm_dim), ("text_dim", a.text_dim, "the DiT's text_dim", self.cfg.text_dim)]
+        if a.first_frame_tokens:
+            pairs.append(("latent_channels", a.latent_channels, "the VAE's latent channels", self.vae.latent_channels))
+        bad = [f"adapter {k} {x} != {what} {y}" for k, x, what, y in pairs if x != y]
+        if bad:
+            raise ValueError(f"Pipeline: the context adapter does not fit this pipeline: {'; '.join(bad)}")
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +158,9 @@ class Pipeline:
         return w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        if self.model_type == "uniworld":
+            raise ValueError("Pipeline.encode_prompts: a uniworld pipeline encodes each prompt with its image: use "
+                             "uniworld_contexts(prompts, negatives, images, cond)")  # fmt: skip
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"Pipeline.encode_prompts: prompts must be a list of str, got {prompts!r:.80}")
         with torch.no_grad():
@@ -261,6 +302,12 @@ class Pipeline:
         case; ``"pixel_art"`` works), or a list of B names / None (one per prompt).  Each prompt is wrapped in
         its style's template (``ospfn.styles.style_prompt``); the negative prompt is not.  An unknown name
         raises ``ValueError`` listing the 12.  None: the prompt as given.
+
+        ``model_type="uniworld"``: the context is ``uniworld_context(adapter, text.encode(images, prompts),
+        first_frame=<the first-frame latent> if the adapter has first-frame tokens, style=<the styles' ids> if it
+        has style tokens)`` -- the VLM sees each (styled) prompt with its image; the unconditional context is the
+        same with the negative prompts and the SAME images (one VLM call of 2B rows, prompts then negatives).
+        With style tokens either every prompt has a style or none does (none: no style tokens).
         """
         import time
 
@@ -393,6 +440,13 @@ class Pipeline:
         elif image is not None:
             raise ValueError(f"{fn}: image= is the first frame of an image-to-video model, but this pipeline is "
                              f"text-to-video (cfg.i2v = {self.cfg.i2v!r}); drop it")  # fmt: skip
+        style_ids = None
+        if self.model_type == "uniworld" and self.adapter_cfg.style_tokens and any(s is not None for s in styles):
+            if any(s is None for s in styles):
+                raise ValueError(f"{fn}: this uniworld model has style tokens: give every prompt a style or none, got {styles}")
+            from ospfn.styles import style_id
+
+            style_ids = [style_id(s) for s in styles]
 
         adapters = self._adapters(lora, fn)
 
@@ -408,12 +462,15 @@ class Pipeline:
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev)
         else:
             noise = latents.detach().to(device=dev, dtype=torch.float32).expand(shape).clone()
-        ctx, neg_ctx = self._encode_for_run(prompts, negs if use_cfg else None, dev)
         cond = None
         if cond_images is not None:
             cond = self.vae.encode(cond_images[:, :, None]).to(dev)
             if cond.shape[0] != B:
                 cond = cond.expand(B, *cond.shape[1:])
+        if self.model_type == "uniworld":
+            ctx, neg_ctx = self.uniworld_contexts(prompts, negs if use_cfg else None, cond_images, cond, style_ids)
+        else:
+            ctx, neg_ctx = self._encode_for_run(prompts, negs if use_cfg else None, dev)
         schedule = {"sigmas": sig_list} if sig_list is not None else {"steps": steps_v, "shift": sh_v}
         fwd = forward if not adapters else functools.partial(forward, lora=adapters)
         z = sample(
@@ -429,6 +486,40 @@ class Pipeline:
             "styles": styles, "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4),
         }  # fmt: skip
         return video if batched else video[0]
+
+    @torch.no_grad()
+    def uniworld_contexts(self, prompts: list[str], negs: Optional[list[str]], images: torch.Tensor, cond: Optional[torch.Tensor],
+                          style_ids: Optional[list[int]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+        """(context, negative context or None) of a uniworld pipeline on the DiT's device: the VLM encodes
+        (image_b, prompt_b) and, with ``negs``, (image_b, neg_b) in one call; ``images`` [1 or B, 3, H, W] in
+        [-1, 1] (the first frames), ``cond`` the first-frame latents [B, C, 1, h, w] (used when the adapter has
+        first-frame tokens), ``style_ids`` one style id per prompt (style tokens) or None."""
+        from ospfn.model.vlm import uniworld_context
+
+        if self.model_type != "uniworld":
+            raise ValueError(f"Pipeline.uniworld_contexts: a uniworld pipeline's method; this one is {self.model_type!r}")
+        B = len(prompts)
+        imgs = images if images.shape[0] == B else images.expand(B, *images.shape[1:])
+        rows = list(prompts) + (list(negs) if negs is not None else [])
+        vlm_model = getattr(self.text, "model", None) if self.text_offload != "none" else None  # QwenVLEncoder's module
+        if self._vlm_released:
+            raise RuntimeError("Pipeline.generate: the VLM was released after an earlier call (text_offload='release'); "
+                               "load the pipeline again")  # fmt: skip
+        if vlm_model is not None and self._text_home is not None:
+            vlm_model.to(self._text_home)  # back from an earlier "cpu" offload
+        feats = self.text.encode(torch.cat([imgs] * (2 if negs is not None else 1)), rows)
+        if vlm_model is not None and self.text_offload == "cpu":
+            self._text_home = self.text.device
+            vlm_model.to("cpu")
+        elif vlm_model is not None and self.text_offload == "release":
+            self.text.model = None
+            self._vlm_released = True
+        a, ac = self.adapter, self.adapter_cfg
+        first = cond if ac.first_frame_tokens else None
+        dev = self.device
+        ctx = uniworld_context(a, ac, feats[:B], first_frame=first, style=style_ids).to(dev)
+        neg = uniworld_context(a, ac, feats[B:], first_frame=first, style=style_ids).to(dev) if negs is not None else None
+        return ctx, neg
 
 
 def _check_styles(style, batch: int, fn: str) -> list:
@@ -556,7 +647,8 @@ WAN_NEGATIVE_PROMPT = (
 LAYOUTS = ("diffusers", "wan", "ospfn", "export")
 EXPORT_FILE = "ospfn_export.json"  # what recipes/train.py writes beside a DiT trained on the real encoders
 TEXT_OFFLOAD = ("none", "cpu", "release")  # what generate does with the text encoder once the prompts are encoded
-LOAD_MODEL_TYPES = ("wan", "osp-next", "flashi2v")  # what load_pipeline(model_type=...) accepts
+LOAD_MODEL_TYPES = ("wan", "osp-next", "flashi2v", "uniworld")  # what load_pipeline(model_type=...) accepts
+ADAPTER_META_KEY = "ospfn_vlm_adapter"  # the VLMAdapterConfig (JSON) in a vlm_adapter.safetensors file's metadata
 
 # the sampling defaults of a Wan-family pipeline (diffusers' WanPipeline at 480p); "shift" and "scheduler" come
 # from the diffusers layout's scheduler config when there is one
@@ -779,18 +871,30 @@ def _load_export_layout(path: Path, who: str) -> dict:
     encoders it names are read later (``_export_encoders``)."""
     meta_file = path / EXPORT_FILE
     meta = _read_json_object(meta_file, EXPORT_FILE)
-    unknown = set(meta) - {"model_type", "text_encoder", "vae", "defaults", "info"}
+    unknown = set(meta) - {"model_type", "text_encoder", "vae", "defaults", "info", "adapter", "lora"}
     if unknown:
-        raise CheckpointError(f"{who}: unknown key(s) {sorted(unknown)} in {meta_file}; allowed: defaults, info, model_type, "
-                              "text_encoder, vae")  # fmt: skip
+        raise CheckpointError(f"{who}: unknown key(s) {sorted(unknown)} in {meta_file}; allowed: adapter, defaults, info, lora, "
+                              "model_type, text_encoder, vae")  # fmt: skip
     te, vae = meta.get("text_encoder"), meta.get("vae")
-    if not isinstance(te, dict) or te.get("kind") not in ("tiny", "umt5"):
-        raise CheckpointError(f"{who}: {meta_file}: text_encoder must be an object with kind 'tiny' or 'umt5', got {te!r:.80}")
+    if not isinstance(te, dict) or te.get("kind") not in ("tiny", "umt5", "qwen_vl"):
+        raise CheckpointError(f"{who}: {meta_file}: text_encoder must be an object with kind 'tiny', 'umt5' or 'qwen_vl', got {te!r:.80}")
     if not isinstance(vae, dict) or vae.get("kind") not in ("pixel", "wan"):
         raise CheckpointError(f"{who}: {meta_file}: vae must be an object with kind 'pixel' or 'wan', got {vae!r:.80}")
     if meta.get("model_type", "flashi2v") not in LOAD_MODEL_TYPES:
         raise CheckpointError(f"{who}: {meta_file}: model_type must be one of {list(LOAD_MODEL_TYPES)}, got {meta['model_type']!r:.80}")
-    base = WAN_DEFAULTS if te["kind"] == "umt5" else DEFAULTS  # a model on UMT5 is a Wan-family model: Wan's negative prompt
+    if (te["kind"] == "qwen_vl") != (meta.get("model_type") == "uniworld"):
+        raise CheckpointError(f"{who}: {meta_file}: a text_encoder of kind 'qwen_vl' goes with model_type 'uniworld' and only with it, "
+                              f"got kind {te['kind']!r} and model_type {meta.get('model_type')!r}")  # fmt: skip
+    if meta.get("model_type") == "uniworld":
+        ad = meta.get("adapter")
+        if not isinstance(ad, dict) or not isinstance(ad.get("file"), str) or not ad["file"] or "/" in ad["file"]:
+            raise CheckpointError(f"{who}: {meta_file}: a uniworld export needs adapter {{'file': <a file name beside it>, ...}}, got {ad!r:.80}")
+        lora = meta.get("lora")
+        if lora is not None and (not isinstance(lora, str) or not lora or "/" in lora):
+            raise CheckpointError(f"{who}: {meta_file}: lora must name a LoRA file beside it, got {lora!r:.80}")
+    elif "adapter" in meta or "lora" in meta:
+        raise CheckpointError(f"{who}: {meta_file}: adapter / lora belong to a uniworld export (model_type 'uniworld')")
+    base = WAN_DEFAULTS if te["kind"] in ("umt5", "qwen_vl") else DEFAULTS  # Wan-family models: Wan's negative prompt
     defaults = _pipeline_defaults({**{k: base[k] for k in ("negative_prompt",)}, "scheduler": "euler", **meta.get("defaults", {})},
                                   f"{who}: {meta_file}", CheckpointError)  # fmt: skip
     absent = [n for n in ("config.json", "diffusion_pytorch_model.safetensors") if not (path / n).is_file()]
@@ -802,20 +906,25 @@ def _load_export_layout(path: Path, who: str) -> dict:
             "model_type": meta.get("model_type")}  # fmt: skip
 
 
+def _export_source(spec: dict, what: str, path: Path, who: str) -> Path:
+    """The ``path`` an export's ``text_encoder`` / ``vae`` entry names, which must exist here."""
+    redirect = f"(or load the Wan2.1 pipeline it was trained from with this DiT on top: load_pipeline(<Wan2.1 dir>, dit={str(path)!r}))"
+    p = spec.get("path")
+    if not isinstance(p, str) or not p:
+        raise CheckpointError(f"{who}: {path / EXPORT_FILE}: {what}.path must name the weights the model was trained with, got {p!r:.80}")
+    if not Path(p).exists():
+        raise CheckpointMissingError(f"{who}: the {what} named by {path / EXPORT_FILE} is not here: {p} {redirect}")
+    return Path(p)
+
+
 def _export_encoders(parts: dict, path: Path, dev, text_dev, text_dtype, who: str):
     """(text encoder, VAE) of a training export: the tiny encoder saved beside the DiT, or the UMT5 / Wan VAE
     files the training config named (``text.path`` / ``vae.path``)."""
     meta = parts["meta"]
-    te, vs = meta["text_encoder"], meta["vae"]
-    redirect = f"(or load the Wan2.1 pipeline it was trained from with this DiT on top: load_pipeline(<Wan2.1 dir>, dit={str(path)!r}))"
+    te = meta["text_encoder"]
 
     def source(spec, what):
-        p = spec.get("path")
-        if not isinstance(p, str) or not p:
-            raise CheckpointError(f"{who}: {path / EXPORT_FILE}: {what}.path must name the weights the model was trained with, got {p!r:.80}")
-        if not Path(p).exists():
-            raise CheckpointMissingError(f"{who}: the {what} named by {path / EXPORT_FILE} is not here: {p} {redirect}")
-        return Path(p)
+        return _export_source(spec, what, path, who)
 
     if te["kind"] == "tiny":
         if text_dtype is not None:
@@ -841,17 +950,203 @@ def _export_encoders(parts: dict, path: Path, dev, text_dev, text_dtype, who: st
             raise CheckpointError(f"{who}: {path / EXPORT_FILE}: the UMT5 file {p} needs text_encoder.tokenizer (the google/umt5-xxl folder)")
         else:
             text = UMT5TextEncoder.from_wan(p, tok, dtype=text_dtype, device=text_dev, text_len=text_len)
+    return text, _export_vae(parts, path, dev, who)
+
+
+def _export_vae(parts: dict, path: Path, dev, who: str):
+    """The VAE a training export names: the pixel VAE, or the Wan2.1 VAE of the recorded ``vae.path``."""
+    vs = parts["meta"]["vae"]
     if vs["kind"] == "pixel":
         try:
-            vae = _make_vae(parts["vae_spec"])
+            return _make_vae(parts["vae_spec"])
         except ValueError as e:
             raise CheckpointError(f"{who}: {path / EXPORT_FILE}: {e}") from None
-    else:
-        from ospfn.model.wan_vae import WanVAE
+    from ospfn.model.wan_vae import WanVAE
 
-        p = source(vs, "vae")
-        vae = WanVAE.from_pretrained(p, device=dev) if p.is_dir() else WanVAE.from_wan(p, device=dev)
-    return text, vae
+    p = _export_source(vs, "vae", path, who)
+    return WanVAE.from_pretrained(p, device=dev) if p.is_dir() else WanVAE.from_wan(p, device=dev)
+
+
+def _layout_vae(layout: str, parts: dict, path: Path, dev, vae_config, who: str):
+    """The VAE of a pipeline directory of ``layout`` without its text encoder (a uniworld pipeline brings a VLM)."""
+    if layout == "ospfn":
+        return parts["vae"]
+    if layout == "export":
+        return _export_vae(parts, path, dev, who)
+    from ospfn.model.wan_vae import WanVAE
+
+    if layout == "diffusers":
+        return WanVAE.from_pretrained(path, device=dev)
+    return WanVAE.from_wan(path / WAN_VAE_FILE, config=vae_config, device=dev)
+
+
+# -- the VLM context adapter of a uniworld pipeline -----------------------------------------------------------
+
+
+def save_vlm_adapter(path, params: dict, cfg, *, metadata: Optional[dict] = None) -> Path:
+    """Write a VLM context adapter (``ospfn.model.vlm`` names: ``adapter.*``, ``first_frame.*``, ``style_tokens``)
+    as one fp32 safetensors file (atomically) with its ``VLMAdapterConfig`` as JSON in the metadata
+    (``ospfn_vlm_adapter``), so ``load_vlm_adapter`` needs nothing else.  Checked first (``check_adapter_params``)."""
+    from safetensors.torch import save_file
+
+    from ospfn.model.vlm import VLMAdapterConfig, check_adapter_params
+
+    if not isinstance(cfg, VLMAdapterConfig):
+        raise TypeError(f"save_vlm_adapter: cfg must be a VLMAdapterConfig, got {type(cfg).__name__}")
+    check_adapter_params(params, cfg, "save_vlm_adapter")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise TypeError("save_vlm_adapter: metadata must be a dict of str -> str or None")
+    import dataclasses
+
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in params.items()}
+    meta = {**(metadata or {}), ADAPTER_META_KEY: json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, tmp, metadata=meta)
+    return path
+
+
+_ADAPTER_NAMES = ("adapter.", "first_frame.", "style_tokens")
+
+
+def read_vlm_adapter(path, who: str = "read_vlm_adapter") -> tuple[dict, Optional[dict]]:
+    """(tensors under ospfn's names, the ``VLMAdapterConfig`` fields recorded in the file or None) of an adapter
+    file: an ospfn ``vlm_adapter.safetensors`` (``save_vlm_adapter``) or the released Uniworld-OSP2.0 adapter
+    (``fc1.*`` / ``fc2.*``, a ``torch.save`` state dict or a safetensors file; ``convert_released_adapter``).
+    ``CheckpointMissingError`` for a missing file, ``CheckpointError`` for anything else wrong, naming it."""
+    from ospfn.model.umt5 import read_torch_state_dict
+    from ospfn.model.vlm import convert_released_adapter
+
+    path = Path(path)
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "no such file"
+        raise CheckpointMissingError(f"{who}: {path}: {what}; expected a VLM adapter file (vlm_adapter.safetensors, or the released "
+                                     "adapter's .pt / .safetensors)")  # fmt: skip
+    recorded = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(ADAPTER_META_KEY)
+        except Exception as e:  # noqa: BLE001  (not a safetensors file)
+            raise CheckpointError(f"{who}: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        if raw is not None:
+            try:
+                recorded = json.loads(raw)
+            except ValueError as e:
+                raise CheckpointError(f"{who}: {path}: the {ADAPTER_META_KEY} metadata is not JSON ({e})") from None
+            if not isinstance(recorded, dict):
+                raise CheckpointError(f"{who}: {path}: the {ADAPTER_META_KEY} metadata must be an object, got {type(recorded).__name__}")
+    try:
+        sd = read_torch_state_dict(path, who)
+    except FileNotFoundError as e:
+        raise CheckpointMissingError(str(e)) from None
+    if any(isinstance(k, str) and k.startswith(_ADAPTER_NAMES) for k in sd):
+        unknown = sorted(str(k) for k in sd if not (isinstance(k, str) and k.startswith(_ADAPTER_NAMES)))
+        if unknown:
+            raise CheckpointError(f"{who}: {path}: unknown key(s) {unknown[:10]} beside ospfn's adapter names (adapter.*, first_frame.*, style_tokens)")
+        bad = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point)
+        if bad:
+            raise CheckpointError(f"{who}: {path}: {bad[:10]} must be floating-point tensors")
+        return {k: v.float() for k, v in sd.items()}, recorded
+    return {k: v.float() for k, v in convert_released_adapter(sd, source=str(path)).items()}, recorded
+
+
+def load_vlm_adapter(path, *, vlm_dim: Optional[int] = None, text_dim: Optional[int] = None,
+                     latent_channels: Optional[int] = None, who: str = "load_vlm_adapter"):  # fmt: skip
+    """(params, ``VLMAdapterConfig``) of an adapter file (``read_vlm_adapter``).  The config is the one recorded in
+    the file, else read off the shapes (``adapter.0.weight`` [hidden, vlm_dim], ``adapter.2.weight`` [text_dim,
+    hidden], ``first_frame.0.weight`` [hidden, C * 2 * 2], ``style_tokens`` [styles, n, text_dim]).  ``vlm_dim`` /
+    ``text_dim`` / ``latent_channels`` (the VLM's width, the DiT's, the VAE's channels) are checked against it:
+    ``CheckpointError`` naming the file and the mismatch."""
+    from ospfn.model.vlm import VLMAdapterConfig, check_adapter_params
+
+    params, recorded = read_vlm_adapter(path, who)
+    if recorded is not None:
+        try:
+            cfg = VLMAdapterConfig(**recorded)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{who}: {path}: the recorded adapter config is not valid: {e}") from None
+    else:
+        try:
+            w0, w2 = params["adapter.0.weight"], params["adapter.2.weight"]
+            kw = {"vlm_dim": int(w0.shape[1]), "hidden_dim": int(w0.shape[0]), "text_dim": int(w2.shape[0])}
+            if "first_frame.0.weight" in params:
+                n = int(params["first_frame.0.weight"].shape[1])
+                if n % 4:
+                    raise ValueError(f"first_frame.0.weight has {n} input features, not C * 2 * 2")
+                kw.update(first_frame_tokens=True, latent_channels=n // 4)
+            elif latent_channels is not None:
+                kw["latent_channels"] = int(latent_channels)
+            if "style_tokens" in params:
+                t = params["style_tokens"]
+                kw.update(num_styles=int(t.shape[0]), style_tokens=int(t.shape[1]))
+            cfg = VLMAdapterConfig(**kw)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{who}: {path}: cannot read an adapter configuration off its tensors: {type(e).__name__}: {e}") from None
+    try:
+        check_adapter_params(params, cfg, who)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{who}: {path}: {e}") from None
+    bad = [f"{k} {getattr(cfg, k)} != {want}" for k, want in (("vlm_dim", vlm_dim), ("text_dim", text_dim)) if want is not None and getattr(cfg, k) != want]
+    if cfg.first_frame_tokens and latent_channels is not None and cfg.latent_channels != latent_channels:
+        bad.append(f"latent_channels {cfg.latent_channels} != {latent_channels}")
+    if bad:
+        raise CheckpointError(f"{who}: the adapter {path} does not fit (adapter vs model): {'; '.join(bad)}")
+    return params, cfg
+
+
+def _uniworld_parts(parts: dict, layout: str, path: Path, vlm, adapter, cfg: DiTConfig, vae, dev, text_dev, text_dtype, who: str):
+    """(VLM encoder, adapter params on ``dev``, VLMAdapterConfig, info) of a uniworld pipeline: the VLM and the
+    adapter the export names, or ``vlm=`` / ``adapter=``."""
+    from ospfn.model.vlm import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_CAPTION_TOKENS, DEFAULT_MAX_LENGTH, QwenVLEncoder
+
+    meta = parts.get("meta") if layout == "export" else None
+    te = meta["text_encoder"] if meta is not None and meta.get("model_type") == "uniworld" else None
+    settings = {"text_only": False, "image_size": DEFAULT_IMAGE_SIZE, "max_caption_tokens": DEFAULT_MAX_CAPTION_TOKENS,
+                "max_length": DEFAULT_MAX_LENGTH}  # fmt: skip
+    if te is not None:
+        settings = {"text_only": bool(te.get("text_only", False)), "image_size": tuple(te.get("image_size", DEFAULT_IMAGE_SIZE)),
+                    "max_caption_tokens": int(te.get("max_caption_tokens", DEFAULT_MAX_CAPTION_TOKENS)),
+                    "max_length": int(te.get("text_len", DEFAULT_MAX_LENGTH))}  # fmt: skip
+    info = {}
+    if vlm is None:
+        p = te.get("path") if te is not None else None
+        if te is None:
+            raise ValueError(f"{who}: model_type='uniworld' needs vlm= (a local Qwen2.5-VL directory or an ospfn.model.vlm.QwenVLEncoder): "
+                             f"{path} does not name one")  # fmt: skip
+        if not isinstance(p, str) or not p:
+            raise CheckpointError(f"{who}: {path / EXPORT_FILE} names no VLM (text_encoder.path is {p!r}); pass vlm=")
+        if not Path(p).exists():
+            raise CheckpointMissingError(f"{who}: the Qwen2.5-VL named by {path / EXPORT_FILE} is not here: {p} (pass vlm=<its directory>)")
+        vlm = p
+    if isinstance(vlm, (str, os.PathLike)):
+        info["vlm"] = str(vlm)
+        vlm = QwenVLEncoder.from_pretrained(vlm, device=text_dev, dtype=text_dtype, **settings)
+    elif not (callable(getattr(vlm, "encode", None)) and isinstance(getattr(vlm, "vlm_dim", None), int)):
+        raise TypeError(f"{who}: vlm must be a path to a local Qwen2.5-VL directory or an ospfn.model.vlm.QwenVLEncoder, got {type(vlm).__name__}")
+    else:
+        info["vlm"] = "given"
+        if te is not None:  # an encoder built elsewhere must read images and captions as the training cache did
+            have = {"text_only": getattr(vlm, "text_only", None), "image_size": tuple(getattr(vlm, "image_size", ()) or ()),
+                    "max_caption_tokens": getattr(vlm, "max_caption_tokens", None), "max_length": getattr(vlm, "max_length", None)}  # fmt: skip
+            bad = [f"{k}: {have[k]!r} vs {settings[k]!r}" for k in settings if have[k] != settings[k]]
+            if bad:
+                raise ValueError(f"{who}: vlm= does not read inputs as the model was trained ({path / EXPORT_FILE}): {'; '.join(bad)}")
+    if adapter is None:
+        if meta is None or meta.get("model_type") != "uniworld":
+            raise ValueError(f"{who}: model_type='uniworld' needs adapter= (the trained VLM adapter file: vlm_adapter.safetensors or the "
+                             f"released adapter); {path} does not name one")  # fmt: skip
+        adapter = path / meta["adapter"]["file"]
+        if not adapter.is_file():
+            raise CheckpointMissingError(f"{who}: {path} lacks {adapter.name}, the VLM adapter {path / EXPORT_FILE} names")
+    elif not isinstance(adapter, (str, os.PathLike)):
+        raise TypeError(f"{who}: adapter must be a path to an adapter file, got {type(adapter).__name__}")
+    info["adapter"] = str(adapter)
+    params, acfg = load_vlm_adapter(adapter, vlm_dim=vlm.vlm_dim, text_dim=cfg.text_dim, latent_channels=vae.latent_channels, who=who)
+    return vlm, {k: v.to(dev) for k, v in params.items()}, acfg, info
 
 
 def _apply_model_type(cfg: DiTConfig, model_type: Optional[str], shapes: dict, source: Path, who: str) -> tuple[DiTConfig, bool]:
@@ -879,7 +1174,8 @@ def _apply_model_type(cfg: DiTConfig, model_type: Optional[str], shapes: dict, s
 
 
 def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, dtype: Optional[torch.dtype] = None,
-                  device=None, text_device=None, text_dtype=None, vae_config=None, text_offload: str = "none") -> Pipeline:  # fmt: skip
+                  device=None, text_device=None, text_dtype=None, vae_config=None, text_offload: str = "none", vlm=None,
+                  adapter=None) -> Pipeline:  # fmt: skip
     """Load a pipeline from a directory in one of three layouts (default: the bundled tiny FlashI2V model).
 
     * ``"diffusers"``: a diffusers Wan pipeline (``model_index.json``, ``transformer/``, ``vae/``,
@@ -906,19 +1202,29 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
     * ``"flashi2v"``: the FlashI2V image-to-video model (``i2v="flashi2v"``).  Weights without the FlashI2V
       branches (Wan2.1-T2V) get them created with their zero-output initialisation (``add_flashi2v_branches``,
       seed 0), so the model starts as the T2V model;
+    * ``"uniworld"``: Uniworld-OSP2.0 -- the FlashI2V model (as ``"flashi2v"``) conditioned through a frozen
+      Qwen2.5-VL and a trained context adapter instead of the layout's text encoder (which is not loaded):
+      ``vlm=`` a local Qwen2.5-VL directory (``QwenVLEncoder.from_pretrained`` on ``text_device`` in
+      ``text_dtype``) or a ``QwenVLEncoder``, ``adapter=`` an adapter file (``load_vlm_adapter``: ospfn's
+      ``vlm_adapter.safetensors`` or the released ``fc1`` / ``fc2`` file).  A uniworld training export
+      (``recipes/train.py`` with ``text.kind: qwen_vl``) names both and is read as such without
+      ``model_type``; ``vlm=`` / ``adapter=`` then replace what it names (a given encoder must read images and
+      captions with the export's settings), and a LoRA trained with it (``lora`` in ``ospfn_export.json``) is
+      merged into the DiT (``ospfn.lora.merge_lora``);
     * None: what the weights are (FlashI2V when they hold the branches; else ``"wan"``, or the ospfn
-      directory's own config).
+      directory's own config; ``"uniworld"`` for a uniworld export).
 
     A Wan-family pipeline samples 81 frames at 480 x 832 with 50 steps, guidance 5 and Wan's negative prompt;
     ``"wan"`` with the layout's scheduler (UniPC, shift 3 unless ``scheduler_config.json`` says otherwise),
-    ``"osp-next"`` and ``"flashi2v"`` with Euler at shift 7, as they were released.
+    ``"osp-next"``, ``"flashi2v"`` and ``"uniworld"`` with Euler at shift 7, as they were released (a training
+    export samples with the run's ``sample`` section).
 
     ``dtype`` / ``device`` place the DiT (None: the stored dtype, the CPU); the VAE is fp32 on ``device``; the
     text encoder lives on ``text_device`` (None: ``device``) in ``text_dtype`` (None: the stored dtype; UMT5
     only).  ``text_offload`` says what ``generate`` does with the UMT5 encoder once the prompts are encoded,
     before the DiT runs: ``"none"`` (keep it where it is), ``"cpu"`` (move it to the CPU; the next ``generate``
     moves it back first) or ``"release"`` (drop it: for one-shot scripts; a later ``generate`` raises).  The
-    tiny text encoder has nothing to offload.  By hand: ``pipe.text.offload()`` / ``pipe.text.release()``.  ``vae_config``: the ``AutoencoderKLWan`` arguments of a Wan original directory's
+    tiny text encoder has nothing to offload; a uniworld pipeline's VLM is offloaded the same way.  By hand: ``pipe.text.offload()`` / ``pipe.text.release()``.  ``vae_config``: the ``AutoencoderKLWan`` arguments of a Wan original directory's
     VAE file when it is not the released Wan2.1 VAE (dict, config.json or a directory holding one).
 
     Everything cheap is checked before any weights are read (files present, configs valid and in agreement,
@@ -932,7 +1238,9 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"{who}: dtype must be a floating torch.dtype or None, got {dtype!r}")
     if model_type is not None and model_type not in LOAD_MODEL_TYPES:
-        raise ValueError(f"{who}: model_type must be one of {list(LOAD_MODEL_TYPES)} or None, got {model_type!r}")
+        families = [t for t in LOAD_MODEL_TYPES if t != "uniworld"]
+        raise ValueError(f"{who}: model_type must be one of {families} or None, got {model_type!r} (or 'uniworld': FlashI2V "
+                         "conditioned through a Qwen2.5-VL, with vlm= and adapter=)")  # fmt: skip
     if dit is not None and not isinstance(dit, (str, os.PathLike)):
         raise TypeError(f"{who}: dit must be a path (str or os.PathLike) to a DiT checkpoint or None, got {type(dit).__name__}")
     dev = _check_device("cpu" if device is None else device, "device")
@@ -941,12 +1249,19 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
     layout = detect_layout(path)
     if vae_config is not None and layout != "wan":
         raise ValueError(f"{who}: vae_config is for the VAE file of a Wan original directory; {path} is a {layout} pipeline")
-    if text_dtype is not None and layout == "ospfn":
-        raise ValueError(f"{who}: text_dtype is for the UMT5 encoder of Wan-family pipelines; the tiny text encoder of {path} runs in fp32")
     if not isinstance(text_offload, str) or text_offload not in TEXT_OFFLOAD:
         raise ValueError(f"{who}: text_offload must be one of {list(TEXT_OFFLOAD)}, got {text_offload!r:.80}")
     load = {"diffusers": _load_diffusers_layout, "wan": _load_wan_layout, "ospfn": _load_ospfn_layout, "export": _load_export_layout}[layout]
     parts = load(path, who)
+    export_type = parts.get("model_type") if layout == "export" else None
+    if export_type == "uniworld" and model_type not in (None, "uniworld"):
+        raise ValueError(f"{who}: {path} is a uniworld export (a VLM-conditioned FlashI2V model); model_type={model_type!r} does not apply")
+    uniworld = model_type == "uniworld" or export_type == "uniworld"
+    if not uniworld and (vlm is not None or adapter is not None):
+        raise ValueError(f"{who}: vlm= / adapter= are the VLM and the context adapter of model_type 'uniworld'; {path} is loaded as "
+                         f"{model_type or 'what its weights are'} (pass model_type='uniworld')")  # fmt: skip
+    if text_dtype is not None and layout == "ospfn" and not uniworld:
+        raise ValueError(f"{who}: text_dtype is for the UMT5 encoder of Wan-family pipelines; the tiny text encoder of {path} runs in fp32")
 
     cfg, source = parts["cfg"], parts["dit"]
     if dit is not None:
@@ -957,9 +1272,17 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
         if own.is_file():
             cfg = _dit_config_from(own, f"{who}: dit")
     shapes = checkpoint_shapes(source)
-    cfg, create_branches = _apply_model_type(cfg, model_type, shapes, source, who)
+    cfg, create_branches = _apply_model_type(cfg, "flashi2v" if uniworld else model_type, shapes, source, who)
 
-    if layout == "ospfn":
+    adapter_params = acfg = None
+    uni_info: dict = {}
+    if uniworld:  # the layout's VAE; the VLM and the adapter instead of its text encoder
+        vae = _layout_vae(layout, parts, path, dev, vae_config, who)
+        if (cfg.in_dim, cfg.out_dim) != (vae.latent_channels,) * 2:
+            raise CheckpointError(f"{who}: the DiT config of {source} has in_dim {cfg.in_dim}, out_dim {cfg.out_dim}; the VAE of {path} "
+                                  f"has {vae.latent_channels} latent channels")  # fmt: skip
+        text, adapter_params, acfg, uni_info = _uniworld_parts(parts, layout, path, vlm, adapter, cfg, vae, dev, text_dev, text_dtype, who)
+    elif layout == "ospfn":
         vae, tcfg = parts["vae"], parts["text_cfg"]
         if cfg.text_dim != tcfg.text_dim or (cfg.in_dim, cfg.out_dim) != (vae.latent_channels,) * 2:
             raise CheckpointError(f"{who}: the DiT config of {source} (text_dim {cfg.text_dim}, in/out_dim {cfg.in_dim}/{cfg.out_dim}) "
@@ -994,8 +1317,19 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
             raise CheckpointError(f"{who}: the VAE of {path} has {vae.latent_channels} latent channels; the DiT config of "
                                   f"{source} has in_dim {cfg.in_dim}")  # fmt: skip
     params = load_checkpoint(source, cfg, dtype=dtype, device=dev, init_missing="flashi2v" if create_branches else None)
+    if uniworld and layout == "export" and dit is None and parts["meta"].get("lora"):  # trained with the adapter: merged in
+        from ospfn.lora import load_lora
+        from ospfn.lora.merge import merge_lora
 
-    if model_type is not None:
+        lora_file = path / parts["meta"]["lora"]
+        if not lora_file.is_file():
+            raise CheckpointMissingError(f"{who}: {path} lacks {lora_file.name}, the LoRA {path / EXPORT_FILE} names")
+        params = merge_lora(params, load_lora(lora_file, cfg, device=dev))
+        uni_info["lora"] = {"file": str(lora_file), "merged": True}
+
+    if uniworld:
+        kind = "uniworld"
+    elif model_type is not None:
         kind = model_type
     elif layout == "ospfn":
         kind = "ospfn"
@@ -1004,12 +1338,12 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
     else:
         kind = "flashi2v" if cfg.i2v == "flashi2v" else "wan"
     defaults = parts["defaults"]
-    if layout in ("diffusers", "wan") and kind in ("osp-next", "flashi2v"):
+    if layout in ("diffusers", "wan") and kind in ("osp-next", "flashi2v", "uniworld"):
         defaults = {**defaults, **_METHOD_SAMPLING}
     info = {**parts.get("info", {}), "layout": layout, "path": str(path), "dit": None if dit is None else str(dit),
-            "flashi2v_branches": None if cfg.i2v != "flashi2v" else ("initialised" if create_branches else "loaded")}  # fmt: skip
+            "flashi2v_branches": None if cfg.i2v != "flashi2v" else ("initialised" if create_branches else "loaded"), **uni_info}  # fmt: skip
     return Pipeline(cfg=cfg, params=params, text=text, vae=vae, vae_spec=parts["vae_spec"], defaults=defaults,
-                    model_type=kind, info=info, text_offload=text_offload)  # fmt: skip
+                    model_type=kind, info=info, text_offload=text_offload, adapter=adapter_params, adapter_cfg=acfg)  # fmt: skip
 
 
 def save_pipeline(path, *, cfg: DiTConfig, params: dict, text_params: dict, text_cfg: TinyTextConfig, vae: dict,

@@ -8,7 +8,9 @@ The config is the training config (schema ``ospfn.train.sft.SFTConfig``) with ``
 clips of ``data.index`` (filtered, resampled to ``data.train_fps``, ``data.frames`` frames, cropped to
 ``data.buckets``: exactly what ``data.kind: video`` would train on) are encoded with the ``vae`` and ``text``
 sections' encoders (``vae.path``, ``text.path``) into ``data.cache`` (or ``--out``); with ``train.task:
-flashi2v`` frame 0 is also encoded on its own.  Shards are written atomically: a killed run, started again
+flashi2v`` frame 0 is also encoded on its own.  With ``text.kind: qwen_vl`` (Uniworld-OSP2.0) the frozen
+Qwen2.5-VL of ``text.path`` reads each clip's frame 0 with its caption, and with ``""`` (the clip's own empty
+context for text dropout); ``--dtype`` is then the VLM's dtype.  Shards are written atomically: a killed run, started again
 with the same command, continues from the first unfinished shard (``--stop-after N`` stops on purpose).
 
 Exit status: 0 done (or stopped by ``--stop-after``), 2 bad arguments, config or cache (the message names
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, type=_path_arg, help="training YAML config with data.kind: latents")
     p.add_argument("--out", default=None, type=_path_arg, help="cache directory (default: data.cache of the config)")
     p.add_argument("--device", type=resolve_device, default=None, help="where the encoders run: cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the UMT5 / Wan VAE encoders (default fp32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the UMT5 / Qwen2.5-VL / Wan VAE encoders (default fp32)")
     p.add_argument("--store-dtype", choices=sorted(DTYPES), default="fp32",
                    help="dtype of the stored latents and features (fp32: exact; bf16: half the size)")  # fmt: skip
     p.add_argument("--shard-size", type=int_arg(1, 1_000_000), default=64, help="samples per shard file (default 64)")

@@ -18,6 +18,14 @@ pipeline), with a replacement DiT and a model type on top:
         --prompt "the dog runs to the left" --device cuda --dtype bf16 --scheduler unipc --teacache 0.1
     python recipes/sample.py --prompt-file prompts.txt --image first.png --out out/batch   # out/batch_000.mp4, ..., out/batch_grid.mp4
 
+Uniworld-OSP2.0 (a FlashI2V model conditioned through a frozen Qwen2.5-VL and a trained adapter; docs/i2sv.md):
+a uniworld training export names its VLM and adapter; any FlashI2V pipeline takes them with ``--model-type
+uniworld``:
+
+    python recipes/sample.py --checkpoint runs/uniworld_osp2_14b/final --image first.png --prompt "..." --device cuda --dtype bf16
+    python recipes/sample.py --checkpoint Wan2.1-T2V-14B --dit FlashI2V-14B/ --model-type uniworld --vlm Qwen2.5-VL-7B-Instruct \
+        --adapter uniworld_adapter.pt --image first.png --prompt "the dog runs to the left" --device cuda --dtype bf16
+
 Image-to-stylised-video (one of the 12 styles of ``ospfn.styles.STYLES``; without ``--checkpoint`` the bundled
 model fine-tuned for the styles, 9 frames):
 
@@ -46,7 +54,7 @@ MAX_VIDEO_BYTES = 16 * 2**30  # one fp32 video [3, frames, H, W]
 MAX_WRITTEN_SIDE = 16384  # pixels of a written frame side after --scale
 OTHER_MEDIA = (".avi", ".mov", ".mkv", ".webm", ".gif", ".png", ".jpg", ".jpeg", ".webp")
 DTYPES = ("fp32", "bf16")
-MODEL_TYPES = ("wan", "osp-next", "flashi2v")
+MODEL_TYPES = ("wan", "osp-next", "flashi2v", "uniworld")
 SCHEDULERS = ("euler", "unipc")
 MAX_PROMPTS = 10_000  # lines of --prompt-file
 
@@ -122,7 +130,12 @@ def parse_args(argv=None):
     p.add_argument("--dit", default=None, type=_text_arg,
                    help="a replacement DiT checkpoint on top of --checkpoint (OSP-Next model.pt / DCP, FlashI2V safetensors)")  # fmt: skip
     p.add_argument("--model-type", default=None, choices=MODEL_TYPES,
-                   help="wan (T2V), osp-next (the dual_end Skiparse schedule) or flashi2v (I2V); default: what the weights are")  # fmt: skip
+                   help="wan (T2V), osp-next (the dual_end Skiparse schedule), flashi2v (I2V) or uniworld (FlashI2V through a "
+                        "Qwen2.5-VL and an adapter: --vlm, --adapter); default: what the weights are")  # fmt: skip
+    p.add_argument("--vlm", default=None, type=_text_arg,
+                   help="uniworld: a local Qwen2.5-VL directory (default: the one a uniworld export names)")
+    p.add_argument("--adapter", default=None, type=_text_arg,
+                   help="uniworld: the VLM adapter file (vlm_adapter.safetensors or the released adapter; default: the export's)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="euler or unipc (default: the pipeline's)")
     p.add_argument("--teacache", type=c["teacache"], default=None, metavar="THRESH",
                    help="TeaCache threshold, finite >= 0 (e.g. 0.1): skip the DiT blocks on steps whose input barely changed")  # fmt: skip
@@ -146,8 +159,8 @@ def parse_args(argv=None):
 
 
 SAMPLE_KEYS = {"prompt", "image", "negative_prompt", "steps", "guidance", "shift", "seed", "frames", "size", "checkpoint", "out", "scale",
-               "device", "dtype", "prompt_file", "dit", "model_type", "scheduler", "teacache", "style"}  # fmt: skip
-STRING_KEYS = ("prompt", "image", "negative_prompt", "checkpoint", "out", "prompt_file", "dit")
+               "device", "dtype", "prompt_file", "dit", "model_type", "scheduler", "teacache", "style", "vlm", "adapter"}  # fmt: skip
+STRING_KEYS = ("prompt", "image", "negative_prompt", "checkpoint", "out", "prompt_file", "dit", "vlm", "adapter")
 CHOICE_KEYS = {"dtype": DTYPES, "model_type": MODEL_TYPES, "scheduler": SCHEDULERS}
 
 
@@ -256,6 +269,21 @@ def main(argv=None) -> int:
     if not ckpt.is_dir():
         fail(f"--checkpoint: {ckpt} is not a pipeline directory (a diffusers Wan pipeline, a Wan original directory or an "
              "ospfn pipeline with pipeline.json)")  # fmt: skip
+    uniworld = args.model_type == "uniworld" or uniworld_export(ckpt)
+    if not uniworld:
+        for flag, value in (("--vlm", args.vlm), ("--adapter", args.adapter)):
+            if value is not None:
+                fail(f"{flag} applies to --model-type uniworld (a VLM-conditioned FlashI2V model) or a uniworld export; "
+                     f"{ckpt} is loaded as {args.model_type or 'what its weights are'}")  # fmt: skip
+    else:
+        if args.vlm is not None and not Path(args.vlm).is_dir():
+            fail(f"--vlm: {args.vlm} is not a directory; give a local Qwen2.5-VL directory (config.json, weights, processor files)")
+        if args.adapter is not None and not Path(args.adapter).is_file():
+            fail(f"--adapter: no such file: {args.adapter} (vlm_adapter.safetensors or the released adapter .pt / .safetensors)")
+        if not uniworld_export(ckpt):
+            for flag, value, what in (("--vlm", args.vlm, "a local Qwen2.5-VL directory"), ("--adapter", args.adapter, "the VLM adapter file")):
+                if value is None:
+                    fail(f"{flag} is required with --model-type uniworld: {what} ({ckpt} is not a uniworld export naming one)")
     bundled = ckpt in (BUNDLED, BUNDLED_I2SV) and args.dit is None and args.model_type is None
     if args.prompt is not None and args.prompt_file is not None:
         fail("--prompt and --prompt-file exclude each other: give one prompt or a file of them")
@@ -278,9 +306,12 @@ def main(argv=None) -> int:
 
     try:
         offload = args.text_offload or ("none" if torch.device(device).type == "cpu" else "cpu")
-        pipe = load_pipeline(ckpt, model_type=args.model_type, dit=args.dit, dtype=dtype, device=device, text_offload=offload)
-    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
-        fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
+        extra = {"vlm": args.vlm, "adapter": args.adapter} if uniworld else {}
+        pipe = load_pipeline(ckpt, model_type=args.model_type, dit=args.dit, dtype=dtype, device=device, text_offload=offload, **extra)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # CheckpointError is a ValueError
+        flag = "--adapter" if args.adapter is not None and str(args.adapter) in str(e) else (
+            "--vlm" if args.vlm is not None and str(args.vlm) in str(e) else "--checkpoint")  # fmt: skip
+        fail(f"{flag}: cannot load the pipeline {ckpt}: {e}")
     adapters = None
     if args.lora:
         from ospfn.lora import load_lora
@@ -358,6 +389,15 @@ def main(argv=None) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def uniworld_export(ckpt: Path) -> bool:
+    """Whether ``ckpt`` is a uniworld training export (its ``ospfn_export.json`` says model_type uniworld)."""
+    f = ckpt / "ospfn_export.json"
+    try:
+        return f.is_file() and json.loads(f.read_text(encoding="utf-8")).get("model_type") == "uniworld"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_prompt_file(path: str) -> list[str]:

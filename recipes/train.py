@@ -15,7 +15,8 @@ directories.  ``train.compile: true`` compiles each DiT block with torch.compile
 
 Writes ``<out_dir>/ckpt-<step>/`` checkpoints (atomic; model, EMA, optimizer, clip statistics, data position,
 RNG), ``<out_dir>/log.jsonl`` and, when the schedule completes, ``<out_dir>/final/`` -- a pipeline directory
-(EMA weights) that ``recipes/sample.py --checkpoint`` loads.
+(EMA weights) that ``recipes/sample.py --checkpoint`` loads (a ``text.kind: qwen_vl`` run: the DiT, the VLM adapter
+and ``ospfn_export.json``, a uniworld pipeline; docs/i2sv.md#training-the-adapter).
 
 The step itself (loss, clipping, learning rate, AdamW, EMA) is ``ospfn.train.step.Trainer.train_step``; the
 run is built by ``ospfn.train.build.make_trainer``.  This script is the loop around them.

@@ -14,11 +14,19 @@ Layout of a cache directory::
                                 "latent.k"  [C, T_lat, h, w]  the video's latents
                                 "cond.k"    [C, 1, h, w]      frame 0 encoded on its own (FlashI2V caches)
                                 "context.k" [L_k, D]          the caption's features, cut to its L_k tokens
+                                "empty.k"   [L, D]            (text kind "qwen_vl" only) the per-sample empty
+                                                              context: frame 0 with the caption ""
                               and in the header metadata ("ospfn.samples") one JSON record per sample:
                               source_index, caption, path, bucket, frame_indices, style (I2SV clips: the
                               context is the caption wrapped in the style template)
-    empty.safetensors         "context" [L, D]: the empty prompt's features (text dropout)
+    empty.safetensors         "context" [L, D]: the empty prompt's features (text dropout; not for "qwen_vl",
+                              whose empty context depends on the image)
     text_encoder.safetensors  the tiny text encoder's weights (text kind "tiny" only: an export needs them)
+
+Text kind ``"qwen_vl"`` (Uniworld-OSP2.0's frozen Qwen2.5-VL, ``ospfn.model.vlm.QwenVLEncoder``): the encoder reads
+frame 0 of the clip with the (style-templated) caption, ``text.encode([frame0], [caption])``, and its features are
+stored at all ``text_len`` positions (no mask: nothing is cut); the dropped-caption context is the encoding of
+(frame 0, ``""``), stored per sample as ``empty.k``.
 
 Every shard is written to a temporary file and renamed into place, then ``index.json`` is rewritten, so a run
 killed at any moment leaves a cache that the next :func:`prepare_cache` on the same directory continues from
@@ -56,7 +64,8 @@ import torch
 from ospfn._fs import atomic_path, stale_temporaries, write_text_atomic
 from ospfn.styles import style_prompt
 
-__all__ = ["LatentCacheError", "CacheItemError", "LatentDataset", "prepare_cache", "read_cache_index", "CACHE_FORMAT"]
+__all__ = ["LatentCacheError", "CacheItemError", "LatentDataset", "prepare_cache", "read_cache_index", "CACHE_FORMAT",
+           "PER_SAMPLE_EMPTY_KINDS"]
 
 CACHE_FORMAT = "ospfn-latent-cache"
 CACHE_VERSION = 1
@@ -67,6 +76,8 @@ LOCK = ".lock"
 _META_KEY = "ospfn.samples"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_SHARD_SIZE = 1_000_000
+# text kinds whose features depend on the image too: the empty (dropped-caption) context is stored per sample
+PER_SAMPLE_EMPTY_KINDS = ("qwen_vl",)
 
 
 class LatentCacheError(ValueError):
@@ -196,8 +207,21 @@ def _progress(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="prepare", unit="clip", dynamic_ncols=True)
 
 
+def _encode_text_vlm(text, video: torch.Tensor, prompt: str, i: int, L: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [L, D], empty context [L, D]) of a VLM encoder: frame 0 with ``prompt``, then with ``""``."""
+    frame0 = video[:, 0][None]  # [1, 3, H, W] in [-1, 1]
+    out = []
+    for p in (prompt, ""):
+        feats = text.encode(frame0, [p])
+        if not isinstance(feats, torch.Tensor) or tuple(feats.shape) != (1, L, D):
+            shown = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+            raise ValueError(f"item {i}: the VLM gave features {shown}, expected [1, {L}, {D}] (text_len, vlm_dim of the text_spec)")
+        out.append(feats[0].float().cpu())
+    return out[0], out[1]
+
+
 def _encode_one(item, i: int, *, text, vae, cond: bool, text_spec: dict, vae_spec: dict):
-    """(latent, cond latent or None, context [L, D], record) of dataset item ``i``."""
+    """(latent, cond latent or None, context [L, D], empty context [L, D] or None, record) of dataset item ``i``."""
     if not isinstance(item, dict) or not isinstance(item.get("video"), torch.Tensor) or not isinstance(item.get("caption"), str):
         raise TypeError(f"item {i}: a dataset item must be a dict with 'video' (a [3, F, H, W] tensor) and 'caption' (a str), "
                         f"got {type(item).__name__}")  # fmt: skip
@@ -205,18 +229,24 @@ def _encode_one(item, i: int, *, text, vae, cond: bool, text_spec: dict, vae_spe
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"item {i}: video must be [3, F, H, W], got {tuple(video.shape)}")
     v = video[None]
+    C, D, L = vae_spec["latent_channels"], text_spec["text_dim"], text_spec["text_len"]
+    prompt = style_prompt(item["caption"], item.get("style"))  # an I2SV label: the style's template
+    empty = None
     with torch.no_grad():
         z = vae.encode(v)[0].float().cpu()
         c = vae.encode(v[:, :, :1])[0].float().cpu() if cond else None
-        feats, lengths = text.encode([style_prompt(item["caption"], item.get("style"))])  # an I2SV label: the style's template
-    C, D, L = vae_spec["latent_channels"], text_spec["text_dim"], text_spec["text_len"]
+        if text_spec["kind"] in PER_SAMPLE_EMPTY_KINDS:
+            ctx, empty = _encode_text_vlm(text, video, prompt, i, L, D)
+        else:
+            feats, lengths = text.encode([prompt])
     if z.dim() != 4 or z.shape[0] != C:
         raise ValueError(f"item {i}: the VAE gave latents of shape {tuple(z.shape)}, expected [{C}, T, h, w] (vae_spec {vae_spec})")
-    if tuple(feats.shape[1:]) != (L, D):
-        raise ValueError(f"item {i}: the text encoder gave features {tuple(feats.shape)}, expected [1, {L}, {D}] (text_spec {text_spec})")
-    n = int(lengths[0])
-    ctx = feats[0, :n].float().cpu()
-    for name, t in (("latents", z), ("first-frame latents", c), ("text features", ctx)):
+    if empty is None:
+        if tuple(feats.shape[1:]) != (L, D):
+            raise ValueError(f"item {i}: the text encoder gave features {tuple(feats.shape)}, expected [1, {L}, {D}] (text_spec {text_spec})")
+        n = int(lengths[0])
+        ctx = feats[0, :n].float().cpu()
+    for name, t in (("latents", z), ("first-frame latents", c), ("text features", ctx), ("empty-caption text features", empty)):
         if t is not None and not bool(torch.isfinite(t).all()):
             raise ValueError(f"item {i}: the {name} hold NaN or Inf")
     record = {"source_index": i, "caption": item["caption"]}
@@ -224,7 +254,7 @@ def _encode_one(item, i: int, *, text, vae, cond: bool, text_spec: dict, vae_spe
         if key in item:
             val = item[key]
             record[key] = val.tolist() if isinstance(val, torch.Tensor) else (list(val) if isinstance(val, tuple) else val)
-    return z, c, ctx, record
+    return z, c, ctx, empty, record
 
 
 def prepare_cache(
@@ -248,10 +278,12 @@ def prepare_cache(
     """Encode ``dataset`` into the cache directory ``out`` (created, or continued) and return its index.
 
     ``dataset``: ``len()`` and items ``{"video": [3, F, H, W] in [-1, 1], "caption": str, ...}`` (``path``,
-    ``bucket``, ``frame_indices`` are recorded when present).  ``text``: a ``TextEncoder`` (``encode(prompts)
-    -> (features, lengths)``), ``vae``: a ``VideoVAE``; ``text_spec`` / ``vae_spec`` describe them (JSON; at
-    least ``kind``, ``text_dim`` + ``text_len`` / ``latent_channels``); ``cond``: also cache frame 0 encoded on
-    its own (FlashI2V).  ``source`` (JSON) describes the corpus (index file, frames, fps, buckets, a digest of
+    ``bucket``, ``frame_indices``, ``style`` are recorded when present).  ``text``: a ``TextEncoder``
+    (``encode(prompts) -> (features, lengths)``), or for ``text_spec["kind"] == "qwen_vl"`` a VLM encoder
+    (``encode(images [B, 3, H, W], prompts) -> [B, text_len, text_dim]``, e.g. ``ospfn.model.vlm.QwenVLEncoder``:
+    frame 0 is its image and the per-sample empty context is stored too); ``vae``: a ``VideoVAE``;
+    ``text_spec`` / ``vae_spec`` describe them (JSON; at least ``kind``, ``text_dim`` + ``text_len`` /
+    ``latent_channels``); ``cond``: also cache frame 0 encoded on its own (FlashI2V).  ``source`` (JSON) describes the corpus (index file, frames, fps, buckets, a digest of
     its entries); ``text_weights``: the tiny text encoder's weights, stored with the cache.  All of these are
     the cache's identity: continuing a cache made with other values raises ``LatentCacheError`` listing them.
 
@@ -322,7 +354,7 @@ def prepare_cache(
                      "num_samples": 0, "complete": False, "shards": [], "skipped": []}  # fmt: skip
         if text_weights is not None:
             _check_or_save_text_weights(out, text_weights)
-        if not (out / EMPTY).is_file():
+        if text_spec["kind"] not in PER_SAMPLE_EMPTY_KINDS and not (out / EMPTY).is_file():
             feats, lengths = text.encode([""])
             _save_tensors(out / EMPTY, {"context": feats[0, : int(lengths[0])].float().cpu().contiguous()})
         _write_index(out, index)
@@ -338,7 +370,8 @@ def prepare_cache(
                 tensors, records, skipped = {}, [], []
                 for i in range(start, end):
                     try:
-                        z, c, ctx, rec = _encode_one(dataset[i], i, text=text, vae=vae, cond=cond, text_spec=text_spec, vae_spec=vae_spec)
+                        z, c, ctx, empty, rec = _encode_one(dataset[i], i, text=text, vae=vae, cond=cond, text_spec=text_spec,
+                                                            vae_spec=vae_spec)  # fmt: skip
                     except torch.OutOfMemoryError:  # the machine's problem, not the clip's: never skipped
                         raise
                     except (OSError, RuntimeError, ValueError, TypeError) as e:
@@ -355,6 +388,8 @@ def prepare_cache(
                     if c is not None:
                         tensors[f"cond.{k}"] = c.to(dtype).contiguous()
                     tensors[f"context.{k}"] = ctx.to(dtype).contiguous()
+                    if empty is not None:
+                        tensors[f"empty.{k}"] = empty.to(dtype).contiguous()
                     records.append(rec)
                     if bar is not None:
                         bar.update(1)
@@ -408,8 +443,10 @@ class LatentDataset:
 
     Item ``i``: ``latent`` float32 [C, T_lat, h, w]; ``cond`` float32 [C, 1, h, w] (caches made with
     ``cond``); ``context`` float32 [text_len, D], the caption's features zero beyond its ``length`` tokens;
-    ``length`` int; ``caption``, ``path`` (when recorded), ``source_index`` (the item of the corpus it came
-    from) and ``index`` (``i``).  ``empty_context`` is the empty prompt's features [1, text_len, D];
+    ``length`` int; ``caption``, ``path`` and ``style`` (when recorded), ``source_index`` (the item of the corpus
+    it came from) and ``index`` (``i``).  ``empty_context`` is the empty prompt's features [1, text_len, D]; in a
+    cache of a VLM (text kind ``"qwen_vl"``, ``per_sample_empty``) it is None and every item carries its own
+    ``empty_context`` [text_len, D] (frame 0 with the caption ``""``), and ``context`` is never cut.
     ``spec`` what made the cache (text, vae, cond, dtype, source).
 
     Errors name the file: ``FileNotFoundError`` for a missing directory, index or shard;
@@ -436,6 +473,7 @@ class LatentDataset:
         self.text_len = self.spec["text"]["text_len"]
         self.text_dim = self.spec["text"]["text_dim"]
         self.latent_channels = self.spec["vae"]["latent_channels"]
+        self.per_sample_empty = self.spec["text"].get("kind") in PER_SAMPLE_EMPTY_KINDS
         self.shards = idx["shards"]
         self.starts = []
         n = 0
@@ -447,6 +485,9 @@ class LatentDataset:
         if missing:
             raise FileNotFoundError(f"latent cache {self.path}: shard file(s) {missing[:5]} listed in {INDEX} are missing")
         self._open: dict[int, tuple] = {}
+        if self.per_sample_empty:
+            self.empty_context = None
+            return
         empty = self._read_file(self.path / EMPTY)
         ctx = empty.get("context")
         if ctx is None or ctx.dim() != 2 or ctx.shape[1] != self.text_dim or not 1 <= ctx.shape[0] <= self.text_len:
@@ -501,7 +542,7 @@ class LatentDataset:
         n = s["count"]
         if not isinstance(records, list) or len(records) != n or not all(isinstance(r, dict) and isinstance(r.get("caption"), str) for r in records):
             raise LatentCacheError(f"{path}: its sample records ({_META_KEY} metadata) do not describe the {n} samples {INDEX} lists")
-        kinds = ("latent", "context") + (("cond",) if self.cond else ())
+        kinds = ("latent", "context") + (("cond",) if self.cond else ()) + (("empty",) if self.per_sample_empty else ())
         want = {f"{k}.{i}" for k in kinds for i in range(n)}
         if set(table) != want:
             lacking, extra = sorted(want - set(table)), sorted(set(table) - want)
@@ -510,10 +551,14 @@ class LatentDataset:
         C, D, L = self.latent_channels, self.text_dim, self.text_len
         for name, (shape, _, _, _) in table.items():
             kind = name.split(".", 1)[0]
-            ok = (len(shape) == 4 and shape[0] == C and min(shape) >= 1 and (kind != "cond" or shape[1] == 1)) if kind != "context" \
-                else (len(shape) == 2 and shape[1] == D and 1 <= shape[0] <= L)  # fmt: skip
+            if kind in ("context", "empty") and self.per_sample_empty:  # VLM features: all text_len positions
+                ok = list(shape) == [L, D]
+            elif kind == "context":
+                ok = len(shape) == 2 and shape[1] == D and 1 <= shape[0] <= L
+            else:
+                ok = len(shape) == 4 and shape[0] == C and min(shape) >= 1 and (kind != "cond" or shape[1] == 1)
             if not ok:
-                what = f"[{C}, T, h, w]" if kind == "latent" else (f"[{C}, 1, h, w]" if kind == "cond" else f"[L <= {L}, {D}]")
+                what = {"latent": f"[{C}, T, h, w]", "cond": f"[{C}, 1, h, w]"}.get(kind, f"[{L}, {D}]" if self.per_sample_empty else f"[L <= {L}, {D}]")
                 raise LatentCacheError(f"{path}: tensor {name!r} has shape {list(shape)}, expected {what}")
         self._open[j] = (table, base, records)
         return self._open[j]
@@ -533,7 +578,7 @@ class LatentDataset:
         k = i - self.starts[j]
         table, base, records = self._shard(j)
         path = self.path / self.shards[j]["file"]
-        names = ["latent", "context"] + (["cond"] if self.cond else [])
+        names = ["latent", "context"] + (["cond"] if self.cond else []) + (["empty"] if self.per_sample_empty else [])
         got = {}
         with open(path, "rb") as f:
             for name in names:
@@ -544,9 +589,21 @@ class LatentDataset:
                 "caption": rec["caption"], "source_index": rec.get("source_index"), "index": i}  # fmt: skip
         if self.cond:
             item["cond"] = got["cond"]
+        if self.per_sample_empty:
+            item["empty_context"] = got["empty"]
         if "path" in rec:
             item["path"] = rec["path"]
+        if "style" in rec:
+            item["style"] = rec["style"]
         return item
+
+    def records(self) -> list[dict]:
+        """The sample records of every shard (caption, source_index, path, style, ...), in sample order; reads the
+        shards' headers only."""
+        out = []
+        for j in range(len(self.shards)):
+            out.extend(dict(r) for r in self._shard(j)[2])
+        return out
 
     def __repr__(self) -> str:
         t, v = self.spec["text"], self.spec["vae"]

@@ -10,6 +10,10 @@ config before any work (text and VAE kinds and widths, the first-frame latents F
 frame rate, buckets and seed it was prepared with); ``prepare_from_config`` writes that cache from the same
 config (``recipes/prepare_data.py``), with the encoders ``make_text_encoder`` / ``make_vae`` build.
 
+``text.kind: qwen_vl`` (Uniworld-OSP2.0): the cache holds the frozen Qwen2.5-VL's features of (frame 0, caption)
+and, per sample, of (frame 0, ""); the run trains the ``adapter`` section's VLM adapter (``ContextAdapter``,
+trainable names ``ctx.*``), with the DiT (``model.train``) and / or a LoRA (``lora``) or alone.
+
 One process runs on ``device`` (cpu by default here; ``recipes/train.py`` defaults to cuda when available):
 the model, the text encoder, the EMA, the optimizer state and every batch live there, and ``train.precision:
 bf16`` autocasts on that device type.  Under torchrun each rank's device comes from the launch
@@ -25,7 +29,7 @@ import torch
 from ospfn.train.step import RunParts, Trainer
 
 __all__ = ["TrainError", "build_parts", "check_launch", "launch_world", "make_trainer", "local_trainer", "fsdp_trainer",
-           "source_dataset", "make_text_encoder", "make_vae", "prepare_from_config"]
+           "source_dataset", "make_text_encoder", "make_vae", "prepare_from_config", "open_cache"]
 
 
 class TrainError(ValueError):
@@ -45,6 +49,9 @@ def build_parts(cfg) -> RunParts:
     vae = PixelVAE(cfg.vae.stride[1]) if cfg.vae.kind == "pixel" else None
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).exists():
         raise TrainError(f"model.checkpoint: no such file or directory: {cfg.model.checkpoint}")
+    if cfg.adapter is not None and cfg.adapter.checkpoint and not Path(cfg.adapter.checkpoint).is_file():
+        raise TrainError(f"adapter.checkpoint: no such file: {cfg.adapter.checkpoint} (an adapter file: the released one or a "
+                         "vlm_adapter.safetensors)")  # fmt: skip
     if cfg.train.attn_backend is not None:
         from ospfn import backends
 
@@ -63,7 +70,15 @@ def build_parts(cfg) -> RunParts:
         dataset = open_cache(cfg, dit_cfg)
     else:
         dataset, _ = source_dataset(cfg)
-    return RunParts(dit_cfg, text_cfg, vae, dataset)
+    adapter_cfg = None
+    if cfg.text.kind == "qwen_vl":
+        from ospfn.train.sft import adapter_config_of
+
+        try:
+            adapter_cfg = adapter_config_of(cfg, dit_cfg, dataset.spec["text"]["vlm_dim"])
+        except ValueError as e:
+            raise TrainError(f"adapter: {e}") from None
+    return RunParts(dit_cfg, text_cfg, vae, dataset, adapter_cfg)
 
 
 def source_dataset(cfg):
@@ -113,7 +128,24 @@ def open_cache(cfg, dit_cfg):
         bad.append(f"text.kind is {cfg.text.kind!r}, the cache's text features come from {t.get('kind')!r}")
     if t["text_len"] != cfg.text.text_len:
         bad.append(f"text.text_len is {cfg.text.text_len}, the cache's is {t['text_len']}")
-    if t["text_dim"] != dit_cfg.text_dim:
+    if cfg.text.kind == "qwen_vl":  # VLM features: the adapter maps their width (vlm_dim) to the model's text_dim
+        if not isinstance(t.get("vlm_dim"), int) or t.get("vlm_dim") != t["text_dim"] or not ds.per_sample_empty:
+            bad.append(f"the cache's text spec is not a qwen_vl one (vlm_dim {t.get('vlm_dim')!r}, per-sample empty contexts "
+                       f"{ds.per_sample_empty})")  # fmt: skip
+        for key in ("text_only", "image_size", "max_caption_tokens"):
+            want = list(getattr(cfg.text, key)) if key == "image_size" else getattr(cfg.text, key)
+            if t.get(key) != want:
+                bad.append(f"text.{key} is {want!r}, the cache's VLM read {t.get(key)!r}")
+        n_style = cfg.adapter.style_tokens if cfg.adapter is not None else 0
+        if n_style:
+            try:
+                unlabelled = [r.get("source_index") for r in ds.records() if r.get("style") is None]
+            except (LatentCacheError, OSError) as e:
+                raise TrainError(f"data.cache: {e}") from None
+            if unlabelled:
+                bad.append(f"adapter.style_tokens is {n_style}: every sample needs a style label, {len(unlabelled)} of {len(ds)} have "
+                           f"none (source items {unlabelled[:5]})")  # fmt: skip
+    elif t["text_dim"] != dit_cfg.text_dim:
         bad.append(f"the model's text_dim is {dit_cfg.text_dim} (model.preset / model.overrides), the cache's text features are {t['text_dim']} wide")
     if cfg.text.kind == "tiny":
         for key in ("vocab", "heads"):
@@ -139,13 +171,31 @@ def _weights_file(path: Path) -> Path:
     return path / "text_encoder.safetensors" if path.is_dir() else path
 
 
-def make_text_encoder(cfg, *, device="cpu", dtype=torch.float32):
+def _qwen_vl_spec(cfg, enc) -> dict:
+    """The cache's text spec of a VLM encoder, after checking that it reads what the ``text`` section says."""
+    tc = cfg.text
+    have = {"text_len": getattr(enc, "max_length", None), "text_only": getattr(enc, "text_only", None),
+            "image_size": tuple(getattr(enc, "image_size", ()) or ()), "max_caption_tokens": getattr(enc, "max_caption_tokens", None)}  # fmt: skip
+    want = {"text_len": tc.text_len, "text_only": tc.text_only, "image_size": tuple(tc.image_size), "max_caption_tokens": tc.max_caption_tokens}
+    bad = [f"text.{k} is {want[k]!r}, the encoder's is {have[k]!r}" for k in want if have[k] != want[k]]
+    if bad:
+        raise TrainError("text: the VLM encoder does not match the config: " + "; ".join(bad))
+    vlm_dim = int(enc.vlm_dim)
+    return {"kind": "qwen_vl", "text_dim": vlm_dim, "vlm_dim": vlm_dim, "text_len": tc.text_len, "image_size": list(tc.image_size),
+            "text_only": tc.text_only, "max_caption_tokens": tc.max_caption_tokens, "path": tc.path,
+            "dtype": str(enc.dtype).replace("torch.", "")}  # fmt: skip
+
+
+def make_text_encoder(cfg, *, device="cpu", dtype=torch.float32, encoder=None):
     """(text encoder, its spec for the cache, its weights or None) of the config's ``text`` section.
 
     ``tiny``: the weights of ``text.path`` (a ``text_encoder.safetensors`` or a pipeline directory holding one)
     or, without a path, the seeded initialisation a run from videos starts with (``train.seed + 1``); fp32.
     ``umt5``: ``text.path`` read with ``UMT5TextEncoder.from_pretrained`` (a directory) or ``from_wan`` (a
-    ``.pth`` file, with ``text.tokenizer``), in ``dtype`` on ``device``."""
+    ``.pth`` file, with ``text.tokenizer``), in ``dtype`` on ``device``.  ``qwen_vl``: the local Qwen2.5-VL
+    directory ``text.path`` read with ``QwenVLEncoder.from_pretrained`` (``text.text_only``, ``image_size``,
+    ``max_caption_tokens``, ``text_len`` as its ``max_length``) in ``dtype`` on ``device``; or ``encoder``, a
+    ``QwenVLEncoder`` built elsewhere (e.g. with a processor of your own), checked against those keys."""
     from ospfn.model.checkpoint import CheckpointError
     from ospfn.model.text import TinyTextEncoder, init_tiny_text_params
     from ospfn.train.sft import derive_configs
@@ -153,6 +203,23 @@ def make_text_encoder(cfg, *, device="cpu", dtype=torch.float32):
     dit_cfg, text_cfg, _ = derive_configs(cfg)
     tc = cfg.text
     dname = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    if encoder is not None and tc.kind != "qwen_vl":
+        raise TrainError(f"text: an encoder built elsewhere is taken for text.kind 'qwen_vl' only, got text.kind {tc.kind!r}")
+    if tc.kind == "qwen_vl":
+        if encoder is None:
+            from ospfn.model.vlm import QwenVLEncoder
+
+            if tc.path is None:
+                raise TrainError("text.path must name the local Qwen2.5-VL directory to encode with (e.g. Qwen2.5-VL-7B-Instruct)")
+            try:
+                encoder = QwenVLEncoder.from_pretrained(tc.path, text_only=tc.text_only, device=device, dtype=dtype,
+                                                        image_size=tuple(tc.image_size), max_caption_tokens=tc.max_caption_tokens,
+                                                        max_length=tc.text_len)  # fmt: skip
+            except (OSError, ValueError, ImportError, TypeError) as e:
+                raise TrainError(f"text.path: {e}") from None
+        elif not callable(getattr(encoder, "encode", None)) or not isinstance(getattr(encoder, "vlm_dim", None), int):
+            raise TrainError(f"text: the encoder must be an ospfn.model.vlm.QwenVLEncoder, got {type(encoder).__name__}")
+        return encoder, _qwen_vl_spec(cfg, encoder), None
     if tc.kind == "tiny":
         if tc.path is None:
             weights = init_tiny_text_params(text_cfg, seed=cfg.train.seed + 1)
@@ -233,27 +300,39 @@ def make_vae(cfg, *, device="cpu", dtype=torch.float32, tiling: bool = False):
 
 
 def prepare_from_config(cfg, *, out=None, device="cpu", dtype=torch.float32, store_dtype=torch.float32, shard_size: int = 64,
-                        skip_bad: bool = False, stop_after=None, vae_tiling: bool = False, progress: bool = True, log=None) -> dict:  # fmt: skip
+                        skip_bad: bool = False, stop_after=None, vae_tiling: bool = False, progress: bool = True, log=None,
+                        text_encoder=None, dataset=None) -> dict:  # fmt: skip
     """Encode the corpus of ``data.index`` into the latent cache ``out`` (default ``data.cache``) with the
     config's encoders; the first-frame latents too when ``train.task`` is flashi2v.  Returns the cache index.
     ``TrainError`` for what is wrong with the config or the encoders' files, ``LatentCacheError`` for the cache
-    (another writer, a cache made with other settings, a failing clip without ``skip_bad``)."""
+    (another writer, a cache made with other settings, a failing clip without ``skip_bad``).
+
+    ``text_encoder``: for ``text.kind: qwen_vl``, a ``QwenVLEncoder`` built elsewhere instead of ``text.path``'s
+    (checked against the ``text`` section; see ``make_text_encoder``).  ``dataset``: any dataset of items
+    ``{"video", "caption", ...}`` (e.g. ``ospfn.data.SyntheticMotion``) encoded instead of ``data.index``'s
+    corpus; the cache then records its class and length with the config's sampling keys."""
     from ospfn.data.latents import prepare_cache
 
     if cfg.data.kind != "latents":
         raise TrainError(f"data.kind must be 'latents' to prepare a cache (data.cache: where to write it, data.index: the corpus), "
                          f"got {cfg.data.kind!r}")  # fmt: skip
-    if cfg.data.index is None:
-        raise TrainError("data.index must name the OSP-Next index file of the corpus to encode")
     target = cfg.data.cache if out is None else out
-    dataset, entries = source_dataset(cfg)
-    if len(dataset) == 0:
-        raise TrainError(f"data.index: no clip of {cfg.data.index} passes the filter (frames, fps, size); nothing to encode")
+    if dataset is None:
+        if cfg.data.index is None:
+            raise TrainError("data.index must name the OSP-Next index file of the corpus to encode")
+        dataset, entries = source_dataset(cfg)
+        if len(dataset) == 0:
+            raise TrainError(f"data.index: no clip of {cfg.data.index} passes the filter (frames, fps, size); nothing to encode")
+        source = _source_spec(cfg, entries)
+    else:
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TrainError(f"dataset: must have len() and items, got {type(dataset).__name__}")
+        source = {"dataset": type(dataset).__name__, "num_items": len(dataset), **_sampling(cfg)}
     dev = _device(device)
-    text, text_spec, text_w = make_text_encoder(cfg, device=dev, dtype=dtype)
+    text, text_spec, text_w = make_text_encoder(cfg, device=dev, dtype=dtype, encoder=text_encoder)
     vae, vae_spec = make_vae(cfg, device=dev, dtype=dtype, tiling=vae_tiling)
     return prepare_cache(dataset, target, text=text, vae=vae, text_spec=text_spec, vae_spec=vae_spec,
-                         cond=cfg.train.task == "flashi2v", source=_source_spec(cfg, entries), shard_size=shard_size,
+                         cond=cfg.train.task == "flashi2v", source=source, shard_size=shard_size,
                          dtype=store_dtype, text_weights=text_w, skip_bad=skip_bad, stop_after=stop_after, progress=progress,
                          log=log)  # fmt: skip
 
@@ -298,6 +377,48 @@ def _initial_adapter(cfg, parts: RunParts, ckpt=None):
     if not tensors:
         raise TrainError(f"--resume: the checkpoint {ckpt['path']} holds no LoRA adapter (written by a run without a lora section)")
     return LoraAdapter(lcfg, tensors)
+
+
+def _initial_context_adapter(cfg, parts: RunParts, ckpt=None):
+    """The VLM adapter's weights of a ``text.kind: qwen_vl`` run (None otherwise): those of the checkpoint
+    ``ckpt`` a run resumes from, else ``init_adapter`` with ``adapter.seed`` overwritten by what
+    ``adapter.checkpoint`` holds (the released adapter or an ospfn ``vlm_adapter.safetensors``)."""
+    from ospfn.model.checkpoint import CheckpointError
+    from ospfn.model.vlm import adapter_shapes, check_adapter_params, init_adapter
+    from ospfn.train.sft import CTX_PREFIX
+
+    if cfg.text.kind != "qwen_vl":
+        return None
+    acfg = parts.adapter_cfg
+    if ckpt is not None:
+        tensors = {k[len(CTX_PREFIX):]: v for k, v in ckpt["params"].items() if k.startswith(CTX_PREFIX)}
+        if not tensors:
+            raise TrainError(f"--resume: the checkpoint {ckpt['path']} holds no VLM adapter ({CTX_PREFIX}*: written by a run without one)")
+        try:
+            check_adapter_params(tensors, acfg, "--resume")
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"{e} (the checkpoint {ckpt['path']})") from None
+        return tensors
+    params = init_adapter(acfg, seed=cfg.adapter.seed)
+    if cfg.adapter.checkpoint:
+        from ospfn.pipeline import read_vlm_adapter
+
+        try:
+            loaded, _ = read_vlm_adapter(cfg.adapter.checkpoint, "adapter.checkpoint")
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        want = adapter_shapes(acfg)
+        unknown = sorted(set(loaded) - set(want))
+        if unknown:
+            raise TrainError(f"adapter.checkpoint: {cfg.adapter.checkpoint} holds {unknown[:6]}, which the adapter section has no "
+                             f"branch for (adapter.first_frame_tokens is {cfg.adapter.first_frame_tokens}, adapter.style_tokens is "
+                             f"{cfg.adapter.style_tokens})")  # fmt: skip
+        bad = [f"{k} {tuple(v.shape)} vs {want[k]}" for k, v in loaded.items() if tuple(v.shape) != want[k]]
+        if bad:
+            raise TrainError(f"adapter.checkpoint: {cfg.adapter.checkpoint} does not fit the adapter (adapter.hidden_dim "
+                             f"{acfg.hidden_dim}, the cache's vlm_dim {acfg.vlm_dim}, the model's text_dim {acfg.text_dim}): {bad[:4]}")  # fmt: skip
+        params.update({k: v.float() for k, v in loaded.items()})
+    return params
 
 
 def _check_resume_config(saved, cfg, path) -> None:
@@ -358,8 +479,8 @@ def local_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
     """One process on ``device`` (default cpu): the DiT as ``ospfn.nn.DiT`` and the text encoder as
     ``TextModule`` over the weights, moved there with the EMA and the optimizer state."""
     from ospfn.nn import DiT
-    from ospfn.train.distributed import TextModule
-    from ospfn.train.sft import LORA_PREFIX, split_params
+    from ospfn.train.distributed import ContextAdapter, TextModule
+    from ospfn.train.sft import CTX_PREFIX, LORA_PREFIX, dit_trained, split_params
     from ospfn.model.checkpoint import CheckpointError
     from ospfn.train.state import latest_checkpoint, load_train_state
 
@@ -376,22 +497,30 @@ def local_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
         except CheckpointError as e:
             raise TrainError(f"--resume: {e}") from None
         _check_resume_config(ckpt["state"].get("config"), cfg, ckpt["path"])
-    if ckpt is not None and cfg.lora is None:
+    train_dit = dit_trained(cfg)
+    if ckpt is not None and train_dit:
         dit_w, text_w = split_params(ckpt["params"])
-    else:  # an adapter run's checkpoints hold the adapter only: the frozen base comes from the config
+    else:  # the checkpoints of a run with a frozen DiT hold the trained parts only: the frozen base comes from the config
         dit_w, text_w = _initial_weights(cfg, parts)
     dit_w = {k: v.to(dev) for k, v in dit_w.items()}
     text_w = {k: v.to(dev) for k, v in text_w.items()}
     adapter = _initial_adapter(cfg, parts, ckpt)
+    ctx_w = _initial_context_adapter(cfg, parts, ckpt)
     model = DiT(parts.dit_cfg, dit_w, lora=None if adapter is None else adapter.to(dev))  # parameters share the tensors' storage
     text = TextModule(text_w, parts.text_cfg)
     text.requires_grad_(cfg.text.train)
+    ctx = None if ctx_w is None else ContextAdapter({k: v.to(dev) for k, v in ctx_w.items()}, parts.adapter_cfg)
     if adapter is not None:  # only the adapter trains (and is checkpointed, EMA'd and exported)
         model.freeze_base()
         named = {f"{LORA_PREFIX}{k}": v for k, v in model.named_lora_parameters()}
-    else:
+    elif train_dit:
         named = {**{f"dit.{k}": v for k, v in model.named_parameters()}, **{f"text.{k}": v for k, v in text.params().items()}}
-    trainer = Trainer(cfg, parts, named, model=model, text=text, device=dev)
+    else:  # model.train: false -- the DiT is frozen and neither checkpointed nor EMA'd
+        model.requires_grad_(False)
+        named = {}
+    if ctx is not None:  # the VLM adapter of a qwen_vl run always trains
+        named.update({f"{CTX_PREFIX}{k}": v for k, v in ctx.named_parameters()})
+    trainer = Trainer(cfg, parts, named, model=model, text=text, device=dev, ctx=ctx)
     if ckpt is not None:
         trainer.load(ckpt)
         trainer.resumed_from = ckpt["path"]
@@ -406,7 +535,8 @@ def fsdp_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
 
     from ospfn.nn import DiT
     from ospfn.parallel import ParallelConfig, agree, init_parallel
-    from ospfn.train.distributed import FSDPTrainer, TextModule, TrainModules, latest_dcp, shard
+    from ospfn.train.distributed import ContextAdapter, FSDPTrainer, TextModule, TrainModules, latest_dcp, shard
+    from ospfn.train.sft import dit_trained
 
     if device is not None:
         dev_type = _device(device)
@@ -423,6 +553,7 @@ def fsdp_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
     try:
         parts = build_parts(cfg)
         dit_w, text_w = _initial_weights(cfg, parts)
+        ctx_w = _initial_context_adapter(cfg, parts)  # a resumed run reads the adapter's values from the checkpoint
         if resume is not None:
             src = latest_dcp(out_dir) if resume == "latest" else Path(resume)
             if src is None or not src.exists():
@@ -432,10 +563,13 @@ def fsdp_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
     agree(not problem, problem, error=TrainError)
     dev = st.device
     adapter = _initial_adapter(cfg, parts)  # a resumed adapter run reads the adapter's values from the checkpoint
+    ctx = None if ctx_w is None else ContextAdapter({k: v.to(dev) for k, v in ctx_w.items()}, parts.adapter_cfg)
     modules = TrainModules(DiT(parts.dit_cfg, {k: v.to(dev) for k, v in dit_w.items()}, lora=None if adapter is None else adapter.to(dev)),
-                           TextModule({k: v.to(dev) for k, v in text_w.items()}, parts.text_cfg))  # fmt: skip
+                           TextModule({k: v.to(dev) for k, v in text_w.items()}, parts.text_cfg), ctx=ctx)  # fmt: skip
     if adapter is not None:
         modules.dit.freeze_base()
+    elif not dit_trained(cfg):
+        modules.dit.requires_grad_(False)
     if not cfg.text.train:
         modules.text.requires_grad_(False)
     shard(modules, init_device_mesh(dev.type, (st.world,)))

@@ -8,6 +8,12 @@ data-parallel replicas, sum over SP ranks: ``FSDPTrainer.backward``).  Checkpoin
 torch.distributed.checkpoint directories written to a temporary name and renamed by rank 0 after a barrier,
 plus a JSON of the scalar state.
 
+The VLM adapter of a ``text.kind: qwen_vl`` run (``ContextAdapter``, "ctx." names) is a third FSDP2 unit,
+sharded like the others (its gradients are averaged over the world and, under SP, summed over the SP ranks
+exactly as the DiT's: each SP rank's cross-attention sees the whole context, so its context gradient is a
+partial sum); it is in the DCP checkpoints and the sharded EMA.  With the DiT frozen (``model.train: false`` or a
+``lora`` section) the checkpoints hold the trainable parameters only (``ignore_frozen_params``).
+
 A failure only some ranks see (rank 0 cannot create ``out_dir`` or rename the checkpoint, one rank's view of a
 shard file is missing or truncated) is agreed on (``ospfn.parallel.agree``) and raised with the same message
 on every rank, naming the rank and the file, before the ranks would part ways at the next collective.
@@ -33,7 +39,7 @@ from ospfn.train.sft import export_pipeline
 from ospfn.train.step import RunError, RunParts, Trainer
 from ospfn.train.state import install_checkpoint
 
-__all__ = ["TextModule", "TrainModules", "shard", "ShardedEMA", "save_dcp", "load_dcp", "latest_dcp", "check_dcp", "FSDPTrainer",
+__all__ = ["TextModule", "ContextAdapter", "TrainModules", "shard", "ShardedEMA", "save_dcp", "load_dcp", "latest_dcp", "check_dcp", "FSDPTrainer",
            "DCPCheckpointError"]  # fmt: skip
 
 
@@ -76,12 +82,39 @@ class TextModule(nn.Module):
         return tiny_text_forward(self.params(), self.cfg, prompts)[0]
 
 
-class TrainModules(nn.Module):
-    """Everything trained: ``dit`` (ospfn.nn.DiT) and ``text`` (TextModule)."""
+class ContextAdapter(nn.Module):
+    """The VLM context adapter of a ``text.kind: qwen_vl`` run as a module (parameters under ``ospfn.model.vlm``'s
+    names: ``adapter.0.weight`` ..., so FSDP2 can shard it):
+    ``forward(features, first_frame=None, style=None) -> uniworld_context(params, cfg, features, ...)``."""
 
-    def __init__(self, dit: nn.Module, text: TextModule) -> None:
+    def __init__(self, params: dict[str, torch.Tensor], cfg) -> None:
+        super().__init__()
+        from ospfn.model.vlm import check_adapter_params
+
+        check_adapter_params(params, cfg, "ContextAdapter")
+        self.cfg = cfg
+        _param_tree(self, params)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_parameters())
+
+    def forward(self, features, first_frame=None, style=None):
+        from ospfn.model.vlm import uniworld_context
+
+        return uniworld_context(self.params(), self.cfg, features, first_frame=first_frame, style=style)
+
+
+class TrainModules(nn.Module):
+    """Everything trained: ``dit`` (ospfn.nn.DiT), ``text`` (TextModule) and, for a qwen_vl run, ``ctx``
+    (ContextAdapter; None otherwise)."""
+
+    def __init__(self, dit: nn.Module, text: TextModule, ctx: Optional[ContextAdapter] = None) -> None:
         super().__init__()
         self.dit, self.text = dit, text
+        if ctx is not None:
+            self.ctx = ctx
+        else:
+            self.ctx = None
 
 
 def shard(modules: TrainModules, mesh) -> None:
@@ -91,6 +124,8 @@ def shard(modules: TrainModules, mesh) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(modules.dit, mesh=mesh)
     fully_shard(modules.text, mesh=mesh)
+    if getattr(modules, "ctx", None) is not None:
+        fully_shard(modules.ctx, mesh=mesh)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -320,17 +355,25 @@ class FSDPTrainer(Trainer):
         self.modules, self.parallel = modules, st
         self.world, self.dp, self.dp_rank, self.sp_size = st.world, st.dp, st.dp_rank, st.sp_size
         self.is_main = st.rank == 0
-        if cfg.lora is not None:  # an adapter run: only the (sharded) LoRA parameters are trained and checkpointed
-            from ospfn.train.sft import LORA_PREFIX
+        from ospfn.train.sft import CTX_PREFIX, LORA_PREFIX, dit_trained
 
+        ctx = getattr(modules, "ctx", None)
+        if cfg.lora is not None:  # an adapter run: only the (sharded) LoRA parameters are trained and checkpointed
             named = {f"{LORA_PREFIX}{k}": v for k, v in modules.dit.named_lora_parameters()}
-        else:
-            named = dict(modules.named_parameters())
-        super().__init__(cfg, parts, named, model=modules.dit, text=modules.text, device=st.device)
+        elif dit_trained(cfg):
+            named = dict(modules.named_parameters())  # "ctx." included
+        else:  # model.train: false
+            named = {}
+        if ctx is not None and not named.keys() & {f"{CTX_PREFIX}{k}" for k, _ in ctx.named_parameters()}:
+            named.update({f"{CTX_PREFIX}{k}": v for k, v in ctx.named_parameters()})
+        super().__init__(cfg, parts, named, model=modules.dit, text=modules.text, device=st.device, ctx=ctx)
 
     def _dcp_options(self):
-        """An adapter run's checkpoints hold the trainable parameters only (the frozen base is ``model.checkpoint``)."""
-        if self.cfg.lora is None:
+        """With the DiT frozen (a lora section, ``model.train: false``) the checkpoints hold the trainable
+        parameters only (the frozen base is ``model.checkpoint``)."""
+        from ospfn.train.sft import dit_trained
+
+        if self.cfg.lora is None and dit_trained(self.cfg):
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 

@@ -9,8 +9,12 @@ would reject later (or that would allocate absurd amounts of memory) with the ke
 ``optim.betas[1] must be a number in [0, 1), got 1.0``.  ``SFTConfig`` then checks what spans sections: the
 DiT built from ``model`` (``derive_configs``), ``data.size`` against the VAE stride and patch, the memory of
 one sample and one micro-batch, whether the ``parallel`` section can split the token grid, and that the real
-encoders (``text.kind: umt5``, ``vae.kind: wan``) are only used through a latent cache (``data.kind: latents``,
-written by ``recipes/prepare_data.py``; docs/training.md#latent-cache).
+encoders (``text.kind: umt5`` / ``qwen_vl``, ``vae.kind: wan``) are only used through a latent cache (``data.kind:
+latents``, written by ``recipes/prepare_data.py``; docs/training.md#latent-cache).
+
+``text.kind: qwen_vl`` is Uniworld-OSP2.0 (docs/i2sv.md#vlm-conditioning-uniworld-osp20): a frozen Qwen2.5-VL reads
+the first frame and the caption (its features are in the cache), the ``adapter`` section's VLM adapter
+(``ospfn.model.vlm``) maps them to the DiT's context and is trained; ``model.train: false`` freezes the DiT.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 
 from ospfn.lora.adapter import DEFAULT_TARGETS, LORA_INITS, LORA_MODULES
 
-__all__ = ["SFTConfig", "LoraSection", "resume_conflicts", "sample_order", "step_generator", "split_params", "join_params"]
+__all__ = ["SFTConfig", "LoraSection", "AdapterSection", "resume_conflicts", "sample_order", "step_generator", "split_params",
+           "join_params", "dit_trained", "adapter_config_of", "export_uniworld", "TEXT_KINDS"]
 
 # Limits of values that are legal but absurd: each would make the run allocate far more than any machine has.
 MAX_NUM_SAMPLES = 100_000_000  # the data order is a permutation of all samples (8 bytes each), drawn every step
@@ -64,9 +69,15 @@ class ModelSection:
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
     checkpoint: Optional[str] = None  # initial DiT weights (any format load_checkpoint reads)
+    # train the DiT (true) or keep it frozen (false: model.checkpoint is required); unset: true, or false with a
+    # lora section (an adapter run); see dit_trained
+    train: Optional[bool] = None
 
     def __post_init__(self):
         from ospfn.model.config import PRESETS, DiTConfig
+
+        if self.train is not None and not isinstance(self.train, bool):
+            raise ValueError(f"model.train must be true, false or null, got {type(self.train).__name__} {self.train!r}")
 
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -87,25 +98,41 @@ def _opt_path(key: str, value) -> None:
         raise ValueError(f"{key} must be a path or null, got {value!r}")
 
 
+TEXT_KINDS = ("tiny", "umt5", "qwen_vl")
+QWEN_VL_DEFAULTS = {"text_len": 1024, "text_only": False, "image_size": (240, 416), "max_caption_tokens": 512}
+_QWEN_VL_ONLY = ("text_only", "image_size", "max_caption_tokens")
+
+
 @dataclass(frozen=True)
 class TextSection:
     """``tiny``: the small trainable encoder (``vocab``, ``heads``); ``umt5``: UMT5-XXL (transformers), whose
     features are read from a latent cache.  ``path``: the weights ``recipes/prepare_data.py`` encodes with
     (umt5: a diffusers pipeline or ``text_encoder`` directory, or Wan's ``.pth`` with ``tokenizer`` = the
     google/umt5-xxl folder; tiny: a ``text_encoder.safetensors`` or a pipeline directory holding one, else
-    the seeded initialisation a run from videos starts with)."""
+    the seeded initialisation a run from videos starts with).
 
-    kind: Literal["tiny", "umt5"] = "tiny"
-    text_len: int = 16
+    ``qwen_vl``: Uniworld-OSP2.0's frozen Qwen2.5-VL (``ospfn.model.vlm.QwenVLEncoder``; ``path`` a local
+    Qwen2.5-VL directory), read from a latent cache: ``text_len`` is the padded sequence length (default 1024),
+    ``image_size`` the [H, W] the first frame is resized to ([240, 416]), ``max_caption_tokens`` the caption's
+    cut (512), ``text_only`` the released code's language-tower-only mode (false).  ``text_len`` unset is 16
+    for the other kinds; the three qwen_vl keys apply to that kind only."""
+
+    kind: Literal["tiny", "umt5", "qwen_vl"] = "tiny"
+    text_len: Optional[int] = None
     vocab: int = 1024
     heads: int = 2
     train: bool = True
     path: Optional[str] = None
     tokenizer: Optional[str] = None
+    text_only: Optional[bool] = None
+    image_size: Optional[tuple[int, int]] = None
+    max_caption_tokens: Optional[int] = None
 
     def __post_init__(self):
-        if self.kind not in ("tiny", "umt5"):
-            raise ValueError(f"text.kind must be one of ['tiny', 'umt5'], got {self.kind!r}")
+        if self.kind not in TEXT_KINDS:
+            raise ValueError(f"text.kind must be one of {list(TEXT_KINDS)}, got {self.kind!r}")
+        if self.text_len is None:
+            object.__setattr__(self, "text_len", QWEN_VL_DEFAULTS["text_len"] if self.kind == "qwen_vl" else 16)
         _int("text.text_len", self.text_len, 1, 65536)
         _int("text.vocab", self.vocab, 2, 2**24)  # token ids hash into [1, vocab); 0 is end-of-text
         _int("text.heads", self.heads, 1, 1024)
@@ -113,6 +140,23 @@ class TextSection:
         _opt_path("text.tokenizer", self.tokenizer)
         if self.tokenizer is not None and self.kind != "umt5":
             raise ValueError(f"text.tokenizer applies to text.kind 'umt5' only (the tiny encoder has no tokenizer files), got {self.tokenizer!r}")
+        if self.kind != "qwen_vl":
+            for key in _QWEN_VL_ONLY:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"text.{key} applies to text.kind 'qwen_vl' only (the Qwen2.5-VL encoder), got {getattr(self, key)!r} "
+                                     f"with text.kind {self.kind!r}")  # fmt: skip
+            return
+        for key in _QWEN_VL_ONLY:
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, QWEN_VL_DEFAULTS[key])
+        if not isinstance(self.text_only, bool):
+            raise ValueError(f"text.text_only must be true or false, got {type(self.text_only).__name__} {self.text_only!r}")
+        _hw("text.image_size", self.image_size)
+        object.__setattr__(self, "image_size", tuple(self.image_size))
+        _int("text.max_caption_tokens", self.max_caption_tokens, 1, 65536)
+        if self.max_caption_tokens >= self.text_len:
+            raise ValueError(f"text.max_caption_tokens must be < text.text_len = {self.text_len} (the chat turn also holds the "
+                             f"template and the image tokens), got {self.max_caption_tokens}")  # fmt: skip
 
 
 WAN_VAE = {"latent_channels": 16, "stride": (4, 8, 8)}  # the Wan2.1 VAE (docs/real_stack.md#wan21-vae)
@@ -286,6 +330,32 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class AdapterSection:
+    """The trained VLM adapter of a ``text.kind: qwen_vl`` run (``ospfn.model.vlm.VLMAdapterConfig``; its
+    ``vlm_dim`` comes from the latent cache, ``text_dim`` from the model, ``latent_channels`` from the VAE):
+    ``hidden_dim`` (4096 in the release), ``first_frame_tokens`` (append the first-frame latent's tokens),
+    ``style_tokens`` (learned tokens per style appended last; 0: none; needs style-labelled data),
+    ``checkpoint`` (null: a fresh ``init_adapter`` with ``seed``; else an adapter file to start from: the
+    released one (``fc1.*`` / ``fc2.*``, ``.pt`` or ``.safetensors``) or an ospfn ``vlm_adapter.safetensors``;
+    branches it lacks start from the seeded initialisation)."""
+
+    hidden_dim: int = 4096
+    first_frame_tokens: bool = False
+    style_tokens: int = 0
+    checkpoint: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _int("adapter.hidden_dim", self.hidden_dim, 1, 65536)
+        if not isinstance(self.first_frame_tokens, bool):
+            raise ValueError(f"adapter.first_frame_tokens must be true or false, got {type(self.first_frame_tokens).__name__} "
+                             f"{self.first_frame_tokens!r}")  # fmt: skip
+        _int("adapter.style_tokens", self.style_tokens, 0, 4096)
+        _opt_path("adapter.checkpoint", self.checkpoint)
+        _int("adapter.seed", self.seed, 0, MAX_SEED)
+
+
+@dataclass(frozen=True)
 class TrainSection:
     task: Literal["t2v", "flashi2v"] = "flashi2v"
     steps: int = 1000
@@ -346,13 +416,15 @@ class ParallelSection:
 
 @dataclass(frozen=True)
 class SampleSection:
-    """Defaults written into the exported pipeline."""
+    """Defaults written into the exported pipeline (``scheduler``: ``euler`` or ``unipc``, as ``Pipeline.generate``
+    takes it)."""
 
     steps: int = 30
     guidance: float = 3.0
     shift: float = 3.0
     fourier_ratio: float = 0.1
     fps: int = 8
+    scheduler: Literal["euler", "unipc"] = "euler"
 
     def __post_init__(self):
         _int("sample.steps", self.steps, 1, 10_000)
@@ -360,6 +432,8 @@ class SampleSection:
         _num("sample.shift", self.shift, 0, lo_open=True)
         _num("sample.fourier_ratio", self.fourier_ratio, 0, 1, hi_open=True)
         _int("sample.fps", self.fps, 1, 1000)
+        if self.scheduler not in ("euler", "unipc"):
+            raise ValueError(f"sample.scheduler must be one of ['euler', 'unipc'], got {self.scheduler!r}")
 
 
 @dataclass(frozen=True)
@@ -374,10 +448,30 @@ class SFTConfig:
     sample: SampleSection = field(default_factory=SampleSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     lora: Optional[LoraSection] = None  # adapter-only fine-tuning: the DiT (model.checkpoint) and text encoder frozen
+    adapter: Optional[AdapterSection] = None  # text.kind qwen_vl: the trained VLM adapter (Uniworld-OSP2.0)
 
     def __post_init__(self):
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
+        qwen = self.text.kind == "qwen_vl"
+        if qwen and self.adapter is None:
+            raise ValueError("adapter: text.kind 'qwen_vl' needs an adapter section (the trained VLM adapter: hidden_dim, "
+                             "first_frame_tokens, style_tokens, checkpoint, seed; {} for the defaults)")  # fmt: skip
+        if self.adapter is not None and not qwen:
+            raise ValueError(f"adapter applies to text.kind 'qwen_vl' only (it maps the VLM's features to the DiT's context), "
+                             f"got text.kind {self.text.kind!r}")  # fmt: skip
+        if qwen and self.train.task != "flashi2v":
+            raise ValueError(f"train.task must be 'flashi2v' with text.kind 'qwen_vl' (Uniworld-OSP2.0 is a FlashI2V model), "
+                             f"got {self.train.task!r}")  # fmt: skip
+        if self.lora is not None and self.model.train:
+            raise ValueError("model.train must be false (or unset) with a lora section: an adapter run keeps the DiT frozen")
+        if self.model.train is False:
+            if self.lora is None and not qwen:
+                raise ValueError("model.train is false (a frozen DiT) but nothing else would train: allowed with a lora section "
+                                 "or with text.kind 'qwen_vl' (whose adapter trains)")  # fmt: skip
+            if self.model.checkpoint is None:
+                raise ValueError("model.checkpoint must name the frozen DiT when model.train is false (a frozen random model "
+                                 "learns nothing)")  # fmt: skip
         if self.lora is not None and self.text.train:
             raise ValueError("text.train must be false with a lora section: an adapter run trains the LoRA only (the DiT and "
                              "the text encoder stay frozen)")  # fmt: skip
@@ -386,7 +480,7 @@ class SFTConfig:
                              "fine-tunes nothing)")  # fmt: skip
         dc, S, U = self.data, self.parallel.skiparse_sp, self.parallel.ulysses_sp
         for kind, key in ((self.text.kind, "text.kind"), (self.vae.kind, "vae.kind")):
-            if kind in ("umt5", "wan") and dc.kind != "latents":
+            if kind in ("umt5", "qwen_vl", "wan") and dc.kind != "latents":
                 raise ValueError(f"{key} {kind!r} is read through a latent cache: set data.kind: latents and data.cache, and "
                                  f"write the cache with recipes/prepare_data.py (got data.kind {dc.kind!r})")  # fmt: skip
         if dc.kind == "latents" and self.text.train:
@@ -443,6 +537,12 @@ def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif _plain(a) != _plain(b) and not any(name == k or (k.endswith(".") and name.startswith(k)) for k in RESUME_MAY_CHANGE):
             out.append(name)
     return out
+
+
+def dit_trained(cfg: SFTConfig) -> bool:
+    """Whether the run trains the DiT: ``model.train``, or when unset true without a lora section (an adapter run
+    keeps its base frozen)."""
+    return cfg.model.train if cfg.model.train is not None else cfg.lora is None
 
 
 def _plain(v):
@@ -512,7 +612,7 @@ def derive_configs(cfg: SFTConfig):
         if unknown:
             raise ValueError(f"model.overrides.{unknown[0]} is not a DiTConfig field ({e})") from e
         raise ValueError(f"model.overrides (on preset {cfg.model.preset!r}): {e}") from e
-    if cfg.text.kind != "tiny":
+    if cfg.text.kind != "tiny":  # umt5 / qwen_vl: features read from a latent cache
         text_cfg = None
     else:
         try:
@@ -537,22 +637,96 @@ def export_pipeline(cfg: SFTConfig, weights: dict, out, info: Optional[dict] = N
     from ospfn.pipeline import save_pipeline
 
     dit_cfg, text_cfg, vae = derive_configs(cfg)
+    if cfg.text.kind == "qwen_vl":
+        return export_uniworld(cfg, weights, out, info)
     if cfg.lora is not None:
         return export_lora(cfg, weights, out, info)
     dit, text = split_params(weights)
-    if cfg.data.kind == "latents":
-        size = list(cfg.data.sizes()[0])
-    else:
-        size = list(cfg.data.size)
-    defaults = {"frames": cfg.data.frames, "size": size}
-    defaults.update({k: getattr(cfg.sample, k) for k in ("steps", "guidance", "shift", "fourier_ratio", "fps")})
+    defaults = _sample_defaults(cfg)
     info = {**(info or {}), "config": cfg.to_dict()}
     if cfg.text.kind == "tiny" and cfg.vae.kind == "pixel":
         return save_pipeline(out, cfg=dit_cfg, params=dit, text_params=text, text_cfg=text_cfg, vae=vae, defaults=defaults, info=info)
     return _export_dit(cfg, dit_cfg, dit, text, Path(out), defaults, info)
 
 
+def _sample_defaults(cfg: SFTConfig) -> dict:
+    """The exported pipeline's sampling defaults: the data's frames and (first) size, the ``sample`` section."""
+    size = list(cfg.data.sizes()[0]) if cfg.data.kind == "latents" else list(cfg.data.size)
+    defaults = {"frames": cfg.data.frames, "size": size}
+    defaults.update({k: getattr(cfg.sample, k) for k in ("steps", "guidance", "shift", "fourier_ratio", "fps", "scheduler")})
+    return defaults
+
+
 LORA_PREFIX = "lora."  # the trainable weights of an adapter run: "lora." + the adapter's keys
+CTX_PREFIX = "ctx."  # the trained VLM adapter of a qwen_vl run: "ctx." + ospfn.model.vlm's names (adapter.0.weight ...)
+ADAPTER_FILE = "vlm_adapter.safetensors"  # the adapter in a uniworld export
+
+
+def adapter_config_of(cfg: SFTConfig, dit_cfg, vlm_dim: int):
+    """The ``ospfn.model.vlm.VLMAdapterConfig`` of a qwen_vl run: ``vlm_dim`` from the cache's features, the
+    ``adapter`` section, ``text_dim`` of the DiT, ``latent_channels`` of the VAE (the DiT's in_dim), 2 x 2 patches
+    and the 12 styles."""
+    from ospfn.model.vlm import VLMAdapterConfig
+
+    a = cfg.adapter
+    return VLMAdapterConfig(vlm_dim=int(vlm_dim), hidden_dim=a.hidden_dim, text_dim=dit_cfg.text_dim, first_frame_tokens=a.first_frame_tokens,
+                            latent_channels=dit_cfg.in_dim, style_tokens=a.style_tokens)  # fmt: skip
+
+
+def export_uniworld(cfg: SFTConfig, weights: dict, out, info: Optional[dict] = None) -> Path:
+    """Write a uniworld export of a ``text.kind: qwen_vl`` run (``weights``: the trainables, e.g. the EMA, with
+    "ctx." and, as trained, "dit." / "lora." prefixes) into the directory ``out``:
+
+    * ``config.json`` + ``diffusion_pytorch_model.safetensors``: the DiT -- the trained one with ``model.train``,
+      else the frozen ``model.checkpoint`` as the run read it (FlashI2V branches created when it had none);
+    * ``vlm_adapter.safetensors``: the adapter under ospfn's names, its ``VLMAdapterConfig`` in the metadata;
+    * ``pytorch_lora_weights.safetensors`` with a lora section (diffusers format; ``load_pipeline`` merges it);
+    * ``ospfn_export.json`` (written last): model type ``uniworld``, the VLM's path and settings, the adapter,
+      the VAE, the sampling defaults, the run's info and config.  ``ospfn.pipeline.load_pipeline`` reads it."""
+    import json
+
+    from ospfn._fs import write_text_atomic
+    from ospfn.model.checkpoint import load_checkpoint, save_checkpoint
+    from ospfn.model.params import param_shapes
+    from ospfn.model.vlm import check_adapter_params
+    from ospfn.pipeline import save_vlm_adapter
+
+    dit_cfg, _, vae = derive_configs(cfg)
+    ctx = {k[len(CTX_PREFIX):]: v.detach().float().cpu() for k, v in weights.items() if k.startswith(CTX_PREFIX)}
+    if "adapter.0.weight" not in ctx:
+        raise ValueError(f"export_uniworld: the weights hold no VLM adapter ({CTX_PREFIX}adapter.*); got {sorted(weights)[:5]}")
+    acfg = adapter_config_of(cfg, dit_cfg, ctx["adapter.0.weight"].shape[1])
+    check_adapter_params(ctx, acfg, "export_uniworld")
+    if dit_trained(cfg):
+        dit, _ = split_params(weights)
+        want = param_shapes(dit_cfg)
+        if set(dit) != set(want) or any(tuple(dit[k].shape) != want[k] for k in want):
+            raise ValueError(f"export_uniworld: the DiT weights do not match {cfg.model.preset!r} with the config's overrides: "
+                             f"missing {sorted(set(want) - set(dit))[:5]}, unexpected {sorted(set(dit) - set(want))[:5]}")  # fmt: skip
+    else:  # frozen: what the run trained against, read again (in the file's dtype)
+        dit = load_checkpoint(cfg.model.checkpoint, dit_cfg, init_missing="flashi2v")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(dit, out, cfg=dit_cfg)
+    save_vlm_adapter(out / ADAPTER_FILE, ctx, acfg)
+    full_info = {**(info or {}), "config": cfg.to_dict()}
+    t = cfg.text
+    meta = {
+        "model_type": "uniworld",
+        "text_encoder": {"kind": "qwen_vl", "path": t.path, "text_len": t.text_len, "text_only": t.text_only,
+                         "image_size": list(t.image_size), "max_caption_tokens": t.max_caption_tokens},
+        "adapter": {"file": ADAPTER_FILE, **dataclasses.asdict(acfg)},
+        "vae": {"kind": cfg.vae.kind, "path": cfg.vae.path} if cfg.vae.kind == "wan" else {"kind": "pixel", "spatial": cfg.vae.stride[1]},
+        "defaults": _sample_defaults(cfg),
+        "info": full_info,
+    }  # fmt: skip
+    if cfg.lora is not None:
+        from ospfn.lora.io import DIFFUSERS_WEIGHT_NAME
+
+        export_lora(cfg, weights, out, info)
+        meta["lora"] = DIFFUSERS_WEIGHT_NAME
+    write_text_atomic(out / EXPORT_INFO, json.dumps(meta, indent=2) + "\n")
+    return out
 
 
 def lora_config_of(cfg: SFTConfig):

@@ -62,6 +62,7 @@ class RunParts(NamedTuple):
     text_cfg: object
     vae: object
     dataset: object
+    adapter_cfg: object = None  # text.kind qwen_vl: the VLM adapter's ospfn.model.vlm.VLMAdapterConfig
 
 
 def compile_blocks(dit: nn.Module, **compile_kwargs) -> int:
@@ -83,7 +84,11 @@ class Trainer:
 
     ``named`` maps every weight (trained or frozen) to its tensor, "dit." / "text." prefixed, in the order
     the optimizer state is stored by.  ``model`` is an ``ospfn.nn.DiT`` over the "dit." tensors, ``text`` a
-    ``TextModule`` over the "text." ones.
+    ``TextModule`` over the "text." ones.  A run that keeps the DiT frozen (a ``lora`` section, ``model.train:
+    false``) has only its trained tensors in ``named`` ("lora.", "ctx."), so checkpoints, the EMA and the
+    optimizer hold nothing else.  ``ctx`` (``text.kind: qwen_vl``): the VLM adapter as a
+    ``ospfn.train.distributed.ContextAdapter`` ("ctx." tensors); ``forward`` maps the cached VLM features through
+    it (with the first-frame latent and the samples' styles when the adapter has those tokens) before the DiT.
     """
 
     world = 1
@@ -94,10 +99,11 @@ class Trainer:
     skipped_nonfinite = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite: skip)
     runlog = None  # ospfn.train.runlog.RunLog of the main rank, once ``start`` has run
 
-    def __init__(self, cfg, parts: RunParts, named: dict, *, model: nn.Module, text: nn.Module, device=None) -> None:
+    def __init__(self, cfg, parts: RunParts, named: dict, *, model: nn.Module, text: nn.Module, device=None, ctx=None) -> None:
         tc, oc = cfg.train, cfg.optim
         self.cfg, self.parts = cfg, parts
-        self.model, self.text = model, text
+        self.model, self.text, self.ctx = model, text, ctx
+        self._batch_styles = None  # the style ids of the current micro-batch (style tokens), set by cached_batch
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.named = dict(sorted(named.items()))  # one fixed order: the optimizer state is stored by position
         self.trainable = [p for p in self.named.values() if p.requires_grad]
@@ -209,8 +215,15 @@ class Trainer:
     # -- the step ------------------------------------------------------------------------------------------
 
     def forward(self, _params, _cfg, x, t, context, *, image=None, run=None):
-        """``forward_fn`` of ``flow_matching_loss``: the DiT module on this run's parallel layout."""
+        """``forward_fn`` of ``flow_matching_loss``: the DiT module on this run's parallel layout.  With a VLM
+        adapter (``ctx``) ``context`` holds the VLM features (the caption's or, where dropped, the sample's empty
+        ones) and becomes ``uniworld_context(adapter, features, first_frame=<the first-frame latent>, style=<the
+        micro-batch's style ids>)`` (each where the adapter has those tokens)."""
         tc = self.cfg.train
+        if self.ctx is not None:
+            ac = self.parts.adapter_cfg
+            first = image.latent if (ac.first_frame_tokens and image is not None) else None
+            context = self.ctx(context, first_frame=first, style=self._batch_styles if ac.style_tokens else None)
         run = (run or RunOptions()).replace(parallel=self.parallel, attn_backend=tc.attn_backend, grad_checkpoint=tc.grad_checkpoint)
         return self.model(x, t, context, image=image, run=run)
 
@@ -264,6 +277,17 @@ class Trainer:
         z0 = torch.stack([it["latent"] for it in items]).to(dev)
         s = torch.stack([it["cond"] for it in items]).to(dev) if self.parts.dit_cfg.i2v == "flashi2v" else None
         ctx = torch.stack([it["context"] for it in items]).to(dev)
+        ac = self.parts.adapter_cfg
+        if ac is not None and ac.style_tokens:
+            missing = [i for i, it in zip(idx, items) if it.get("style") is None]
+            if missing:
+                raise RunError(f"step {self.step + 1}: samples {missing} of {self.cfg.data.cache} have no style label; "
+                               "adapter.style_tokens needs style-labelled data")  # fmt: skip
+            from ospfn.styles import style_id
+
+            self._batch_styles = [style_id(it["style"]) for it in items]
+        if getattr(self.parts.dataset, "per_sample_empty", False):  # a VLM's empty context: (frame 0, "") of each sample
+            return z0, s, ctx, torch.stack([it["empty_context"] for it in items]).to(dev)
         return z0, s, ctx, self.parts.dataset.empty_context.to(dev)
 
     def clip_grads(self) -> tuple[float, float]:
