@@ -59,7 +59,7 @@ BUNDLED = Path(__file__).resolve().parent / "assets" / "tiny_flashi2v"
 BUNDLED_I2SV = Path(__file__).resolve().parent / "assets" / "tiny_flashi2v_i2sv"
 
 DEFAULTS = {"frames": 9, "size": [32, 32], "steps": 30, "guidance": 3.0, "shift": 3.0, "fourier_ratio": 0.1, "fps": 8,
-            "negative_prompt": "", "scheduler": "euler"}  # fmt: skip
+            "negative_prompt": "", "scheduler": "euler", "teacache": None}  # fmt: skip
 SCHEDULERS = ("euler", "unipc")
 
 
@@ -453,6 +453,10 @@ class Pipeline:
         # -- TeaCache ------------------------------------------------------------------------------------
         use_cfg = g_v != 1.0
         tc = None
+        if teacache is None and d.get("teacache") is not None:  # the pipeline's default (e.g. the I2SV recipe's 0.10)
+            from ospfn.sched.teacache import TeaCacheConfig
+
+            teacache = TeaCacheConfig(**{k: (tuple(c) if isinstance(c, list) else c) for k, c in d["teacache"].items()})
         if teacache is not None:
             tc = _make_teacache(teacache, fn, branches=2 if use_cfg else 1, steps=steps_v)
 
@@ -608,11 +612,28 @@ def _pipeline_defaults(d, where: str, err=ValueError) -> dict:
         "fps": (lambda v: is_int(v) and 1 <= v <= 1000, "an int in [1, 1000]"),
         "negative_prompt": (lambda v: isinstance(v, str), "a str"),
         "scheduler": (lambda v: v in SCHEDULERS, f"one of {list(SCHEDULERS)}"),
+        "teacache": (_teacache_default_ok, "null or {\"threshold\": number >= 0, \"warmup_steps\": int >= 0, "
+                     "\"coefficients\": a preset name (optional)} (ospfn.sched.teacache.TeaCacheConfig)"),
     }  # fmt: skip
     for k, (ok, allowed) in checks.items():
         if not ok(out[k]):
             raise err(f"{where}: defaults.{k} must be {allowed}, got {out[k]!r:.80}")
     return out
+
+
+def _teacache_default_ok(v) -> bool:
+    """A pipeline's default TeaCache: None, or the keyword arguments of a valid ``TeaCacheConfig``."""
+    if v is None:
+        return True
+    if not isinstance(v, dict) or not set(v) <= {"threshold", "warmup_steps", "coefficients"} or "threshold" not in v:
+        return False
+    from ospfn.sched.teacache import TeaCacheConfig
+
+    try:
+        TeaCacheConfig(**{k: (tuple(c) if k == "coefficients" and isinstance(c, list) else c) for k, c in v.items()})
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _check_text_weights(w: dict, tcfg: TinyTextConfig, where: str, err=ValueError) -> None:

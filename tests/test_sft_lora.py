@@ -173,3 +173,14 @@ def test_style_labelled_data_wraps_captions(tmp_path):
 def test_style_config_errors(tmp_path, styles, message):
     rc, err = _run(_write(tmp_path, config_with(TINY, tmp_path / "run", **{"data.styles": styles})))
     assert rc == 2 and message in err, err
+
+
+def test_sample_teacache_goes_into_the_exported_defaults(tmp_path):
+    from ospfn.pipeline import load_pipeline
+
+    rc, err = _run(_write(tmp_path, config_with(TINY, tmp_path / "run", **{"train.steps": 1, "sample.teacache": 0.1, "sample.teacache_warmup": 3})))
+    assert rc == 0, err
+    pipe = load_pipeline(tmp_path / "run" / "final")
+    assert pipe.defaults["teacache"] == {"threshold": 0.1, "warmup_steps": 3}
+    rc, err = _run(_write(tmp_path, config_with(TINY, tmp_path / "bad", **{"sample.teacache": -1.0})))
+    assert rc == 2 and "sample.teacache" in err, err

@@ -353,3 +353,24 @@ def test_call_errors():
         ignoring(params, cfg, x, torch.tensor([500.0]), ctx)
     with pytest.raises(TypeError, match="before_blocks"):
         M.forward(params, cfg, x, torch.tensor([500.0]), ctx, run=M.RunOptions(cache=object()))
+
+
+def test_a_pipeline_default_teacache_applies_unless_the_call_says_otherwise():
+    """defaults["teacache"] (an export's sample.teacache) is what generate uses without teacache=; 0 turns it off."""
+    import dataclasses
+
+    from ospfn.io import read_image
+    from ospfn.pipeline import BUNDLED, load_pipeline
+
+    pipe = load_pipeline()
+    image = read_image(str(BUNDLED / "example.png"))
+    prompt = (BUNDLED / "example.txt").read_text().strip()
+    cached = dataclasses.replace(pipe, defaults={**pipe.defaults, "teacache": {"threshold": 0.5, "warmup_steps": 2, "coefficients": "identity"}})
+    a = cached.generate(prompt, image, steps=8, seed=1)
+    assert cached.last_info["teacache"] is not None and cached.last_info["teacache_skipped"] > 0
+    from ospfn.sched.teacache import TeaCacheConfig
+
+    b = pipe.generate(prompt, image, steps=8, seed=1, teacache=TeaCacheConfig(threshold=0.5, warmup_steps=2, coefficients="identity"))
+    assert torch.equal(a, b)
+    off = cached.generate(prompt, image, steps=8, seed=1, teacache=0)
+    assert cached.last_info["teacache_skipped"] == 0 and torch.equal(off, pipe.generate(prompt, image, steps=8, seed=1))

@@ -429,6 +429,38 @@ def test_lora_with_extra_tokens_trains_both_and_the_export_merges_the_lora(world
     assert not torch.equal(pipe.params["blocks.0.cross_attn.q.weight"], world["dit"]["blocks.0.cross_attn.q.weight"])
 
 
+def test_a_frozen_adapter_stays_and_travels_with_the_lora_export(world, tmp_path):
+    """adapter.train: false (the released I2SV recipe): only the LoRA trains; the export carries the frozen adapter."""
+    from ospfn.pipeline import read_vlm_adapter, save_vlm_adapter
+
+    acfg = VLMAdapterConfig(vlm_dim=vlm_tiny.HIDDEN, hidden_dim=32, text_dim=16, latent_channels=12)
+    start = init_adapter(acfg, seed=7)
+    save_vlm_adapter(tmp_path / "a.safetensors", start, acfg)
+    changes = {"model.train": None, "train.steps": 2, "adapter": {"hidden_dim": 32, "checkpoint": str(tmp_path / "a.safetensors"), "train": False},
+               "lora": {"rank": 2, "alpha": 2.0, "seed": 0}}  # fmt: skip
+    cfg_dict = _cfg(world, tmp_path / "run", **changes)
+    del cfg_dict["model"]["train"]
+    trainer = make_trainer(load_config(cfg_dict, SFTConfig), tmp_path / "run")
+    assert trainer.named and all(k.startswith("lora.") for k in trainer.named)
+    for _ in range(2):
+        trainer.train_step()
+    assert all(torch.equal(v.detach(), start[k]) for k, v in trainer.ctx.named_parameters())
+    final = trainer.export(tmp_path / "final")
+    got, _ = read_vlm_adapter(final / "vlm_adapter.safetensors")
+    assert got.keys() == start.keys() and all(torch.equal(got[k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize(
+    "adapter, message",
+    [({"hidden_dim": 32, "train": False}, r"adapter\.checkpoint must name the adapter to keep frozen"),
+     ({"hidden_dim": 32, "train": False, "checkpoint": "a.pt"}, r"adapter\.train is false, and neither a lora section nor model\.train")],
+)  # fmt: skip
+def test_a_frozen_adapter_needs_weights_and_something_to_train(world, tmp_path, adapter, message):
+    cfg = _cfg(world, tmp_path / "r", adapter=adapter)
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg, SFTConfig)
+
+
 def test_a_cache_that_does_not_fit_is_refused(world, tmp_path):
     cfg = load_config(_cfg(world, tmp_path / "r", **{"text.image_size": [28, 28]}), SFTConfig)
     with pytest.raises(TrainError, match=r"text\.image_size is \[28, 28\], the cache's VLM read \[56, 84\]"):

@@ -518,8 +518,10 @@ def local_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
     else:  # model.train: false -- the DiT is frozen and neither checkpointed nor EMA'd
         model.requires_grad_(False)
         named = {}
-    if ctx is not None:  # the VLM adapter of a qwen_vl run always trains
+    if ctx is not None and cfg.adapter.train:  # the VLM adapter of a qwen_vl run trains unless adapter.train is false
         named.update({f"{CTX_PREFIX}{k}": v for k, v in ctx.named_parameters()})
+    elif ctx is not None:
+        ctx.requires_grad_(False)
     trainer = Trainer(cfg, parts, named, model=model, text=text, device=dev, ctx=ctx)
     if ckpt is not None:
         trainer.load(ckpt)
@@ -572,6 +574,8 @@ def fsdp_trainer(cfg, out_dir, resume=None, *, device=None) -> Trainer:
         modules.dit.requires_grad_(False)
     if not cfg.text.train:
         modules.text.requires_grad_(False)
+    if ctx is not None and not cfg.adapter.train:
+        ctx.requires_grad_(False)
     shard(modules, init_device_mesh(dev.type, (st.world,)))
     trainer = FSDPTrainer(cfg, parts, modules, st)  # compiles the blocks (train.compile) after fully_shard
     if resume is not None:

@@ -364,7 +364,7 @@ class FSDPTrainer(Trainer):
             named = dict(modules.named_parameters())  # "ctx." included
         else:  # model.train: false
             named = {}
-        if ctx is not None and not named.keys() & {f"{CTX_PREFIX}{k}" for k, _ in ctx.named_parameters()}:
+        if ctx is not None and cfg.adapter.train and not named.keys() & {f"{CTX_PREFIX}{k}" for k, _ in ctx.named_parameters()}:
             named.update({f"{CTX_PREFIX}{k}": v for k, v in ctx.named_parameters()})
         super().__init__(cfg, parts, named, model=modules.dit, text=modules.text, device=st.device, ctx=ctx)
 
@@ -421,9 +421,11 @@ class FSDPTrainer(Trainer):
     def export(self, out):
         self.check_finite(out, state=False)  # each rank its EMA shards, then agreed
         full = self.ema.full()  # collective
+        frozen = self.frozen_context()  # collective (a frozen VLM adapter is not in the EMA)
         if not self.is_main:
             return None
         weights = {("text." + k[len("text.tree.") :] if k.startswith("text.tree.") else k): v for k, v in full.items()}
+        weights = {**frozen, **weights}
         return export_pipeline(self.cfg, weights, out, info={"trained_steps": self.step, "samples_seen": self.pos, "world": self.world})
 
     def finish(self):

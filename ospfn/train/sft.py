@@ -337,15 +337,19 @@ class AdapterSection:
     ``style_tokens`` (learned tokens per style appended last; 0: none; needs style-labelled data),
     ``checkpoint`` (null: a fresh ``init_adapter`` with ``seed``; else an adapter file to start from: the
     released one (``fc1.*`` / ``fc2.*``, ``.pt`` or ``.safetensors``) or an ospfn ``vlm_adapter.safetensors``;
-    branches it lacks start from the seeded initialisation)."""
+    branches it lacks start from the seeded initialisation), ``train`` (false: frozen, with ``checkpoint``
+    required and a ``lora`` section or ``model.train`` to train something else)."""
 
     hidden_dim: int = 4096
     first_frame_tokens: bool = False
     style_tokens: int = 0
     checkpoint: Optional[str] = None
     seed: int = 0
+    train: bool = True  # false: the adapter (from checkpoint) stays frozen, e.g. the released I2SV LoRA recipe
 
     def __post_init__(self):
+        if not isinstance(self.train, bool):
+            raise ValueError(f"adapter.train must be true or false, got {type(self.train).__name__} {self.train!r}")
         _int("adapter.hidden_dim", self.hidden_dim, 1, 65536)
         if not isinstance(self.first_frame_tokens, bool):
             raise ValueError(f"adapter.first_frame_tokens must be true or false, got {type(self.first_frame_tokens).__name__} "
@@ -417,7 +421,8 @@ class ParallelSection:
 @dataclass(frozen=True)
 class SampleSection:
     """Defaults written into the exported pipeline (``scheduler``: ``euler`` or ``unipc``, as ``Pipeline.generate``
-    takes it)."""
+    takes it; ``teacache``: a threshold ``generate`` uses when called without ``teacache=``, with
+    ``teacache_warmup`` uncached first steps; ``teacache=0`` in the call turns it off)."""
 
     steps: int = 30
     guidance: float = 3.0
@@ -425,8 +430,13 @@ class SampleSection:
     fourier_ratio: float = 0.1
     fps: int = 8
     scheduler: Literal["euler", "unipc"] = "euler"
+    teacache: Optional[float] = None  # a TeaCache threshold the pipeline samples with by default (null: none)
+    teacache_warmup: int = 5  # the first steps that always run the blocks
 
     def __post_init__(self):
+        if self.teacache is not None:
+            _num("sample.teacache", self.teacache, 0)
+        _int("sample.teacache_warmup", self.teacache_warmup, 0, 1_000_000)
         _int("sample.steps", self.steps, 1, 10_000)
         _num("sample.guidance", self.guidance, 0)
         _num("sample.shift", self.shift, 0, lo_open=True)
@@ -457,6 +467,13 @@ class SFTConfig:
         if qwen and self.adapter is None:
             raise ValueError("adapter: text.kind 'qwen_vl' needs an adapter section (the trained VLM adapter: hidden_dim, "
                              "first_frame_tokens, style_tokens, checkpoint, seed; {} for the defaults)")  # fmt: skip
+        if self.adapter is not None and not self.adapter.train:
+            if self.adapter.checkpoint is None:
+                raise ValueError("adapter.checkpoint must name the adapter to keep frozen when adapter.train is false "
+                                 "(a frozen fresh adapter maps every caption to noise)")  # fmt: skip
+            if self.lora is None and not dit_trained(self):
+                raise ValueError("adapter.train is false, and neither a lora section nor model.train: true is set: the run "
+                                 "would train nothing")  # fmt: skip
         if self.adapter is not None and not qwen:
             raise ValueError(f"adapter applies to text.kind 'qwen_vl' only (it maps the VLM's features to the DiT's context), "
                              f"got text.kind {self.text.kind!r}")  # fmt: skip
@@ -654,6 +671,8 @@ def _sample_defaults(cfg: SFTConfig) -> dict:
     size = list(cfg.data.sizes()[0]) if cfg.data.kind == "latents" else list(cfg.data.size)
     defaults = {"frames": cfg.data.frames, "size": size}
     defaults.update({k: getattr(cfg.sample, k) for k in ("steps", "guidance", "shift", "fourier_ratio", "fps", "scheduler")})
+    if cfg.sample.teacache is not None:
+        defaults["teacache"] = {"threshold": cfg.sample.teacache, "warmup_steps": cfg.sample.teacache_warmup}
     return defaults
 
 

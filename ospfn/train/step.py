@@ -174,7 +174,18 @@ class Trainer:
     def export(self, out) -> Path | None:
         """Write the EMA weights as a pipeline directory (``recipes/sample.py --checkpoint``); never non-finite ones."""
         self.check_finite(out, state=False)
-        return export_pipeline(self.cfg, self.ema.shadow, out, info={"trained_steps": self.step, "samples_seen": self.pos})
+        return export_pipeline(self.cfg, {**self.frozen_context(), **self.ema.shadow}, out,
+                               info={"trained_steps": self.step, "samples_seen": self.pos})  # fmt: skip
+
+    def frozen_context(self) -> dict:
+        """The VLM adapter's tensors ("ctx." names, full, on the CPU) when it is frozen (``adapter.train: false``):
+        not in the EMA, yet part of the export.  Empty otherwise.  FSDP2: gathered (collective)."""
+        from ospfn.train.sft import CTX_PREFIX
+
+        if self.ctx is None or self.cfg.adapter.train or any(k.startswith(CTX_PREFIX) for k in self.ema.shadow):
+            return {}
+        return {f"{CTX_PREFIX}{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu()
+                for k, v in self.ctx.named_parameters()}  # fmt: skip
 
     def finish(self) -> None:
         pass
