@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, type=_path_arg, help="also write the per-example results here")
     p.add_argument("--check", action="store_true", help="fail unless the quality bar is met")
     p.add_argument("--strip", default=None, type=_path_arg, metavar="PNG",
-                   help="also write a PNG: one row per style (its first example), the condition image then the frames")  # fmt: skip
+                   help="also write a PNG: one row per style (its first example): the condition image, the generated frames, "
+                        "then the ground truth's stylised frames")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         video = pipe.generate(item["caption"], image=item["video"][:, 0], style=item["style"], seed=i, steps=args.steps,
                               guidance=args.guidance)  # fmt: skip
         score = score_styled_video(video, item, item["style"])
-        firsts.setdefault(item["style"], (item["video"][:, 0], video.detach().cpu().float()))
+        firsts.setdefault(item["style"], (item["video"], video.detach().cpu().float()))
         rows.append({"index": i, "caption": item["caption"], "style": item["style"], "predicted_style": score["style"],
                      "style_ok": bool(score["style_ok"]), "direction": score["direction"], "direction_ok": bool(score["direction_ok"]),
                      "present_fraction": float(score["present_fraction"])})  # fmt: skip
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
         from ospfn.io import write_strip_png
         from ospfn.styles import STYLES
 
-        rows_v = [torch.cat([img[:, None], vid], dim=1) for s in STYLES if s in firsts for img, vid in [firsts[s]]]
+        # per style: the condition image, the generated frames, then the ground truth's stylised frames 1..F-1
+        rows_v = [torch.cat([truth[:, :1], vid, truth[:, 1:]], dim=1) for s in STYLES if s in firsts for truth, vid in [firsts[s]]]
         write_strip_png(args.strip, torch.cat(rows_v, dim=2), scale=4)
     if args.json:
         with open(args.json, "w") as f:

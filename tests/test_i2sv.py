@@ -244,7 +244,7 @@ def test_eval_i2sv_runs_and_a_plain_model_does_not_pass(tmp_path, capsys):
     want = [SyntheticMotion(3, frames=5, size=(32, 32), split="eval", seed=0, styles="all")[i]["style"] for i in range(3)]
     assert [r["style"] for r in res["examples"]] == want
     img = Image.open(strip)
-    assert img.size == (6 * 32 * 4, len(set(want)) * 32 * 4)  # condition image + 5 frames; one row per style
+    assert img.size == (10 * 32 * 4, len(set(want)) * 32 * 4)  # condition image + 5 generated + 4 true frames; a row per style
 
 
 @pytest.mark.parametrize("argv, message", [(["--num", "0"], "--num"), (["--strip", "/nonexistent/dir/x.png"], "--strip: the directory")])
