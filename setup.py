@@ -1,11 +1,13 @@
-"""Build script: the pure-Python package plus the CMake-built extension ``ospfn._C``.
+"""Build script: the pure-Python package plus the CMake-built extensions ``ospfn._C``, ``ospfn._ascend_sim`` (the
+Ascend C kernels on a CPU shim, for the tests) and, where CANN and torch_npu exist, ``ospfn._npu``.
 
 Install against the torch already in the environment (build isolation would fetch another torch)::
 
     pip install --no-build-isolation -e ".[dev]"
 
 Environment knobs:
-  OSPFN_SKIP_EXT=1     build without the C++ extension (the ``cpp`` backend then reports itself unavailable)
+  OSPFN_SKIP_EXT=1     build without the C++ extensions (the ``cpp`` backend then reports itself unavailable)
+  ASCEND_HOME_PATH     the CANN toolkit: also build the NPU kernels ``ospfn._npu`` (needs torch_npu; docs/npu.md)
   OSPFN_BUILD_TYPE     CMake build type (default Release)
   MAX_JOBS             parallel compile jobs (default: CPU count)
 """
@@ -25,15 +27,25 @@ ROOT = Path(__file__).resolve().parent
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name: str, source_dir: Path) -> None:
-        super().__init__(name, sources=[])
+    """One module of the CMake project.  The primary one runs the CMake build, which writes every module; the
+    others are listed so that setuptools copies them too (editable installs copy each extension into the
+    source tree); an optional one (``ospfn._npu``, built only where CANN exists) may be absent."""
+
+    def __init__(self, name: str, source_dir: Path, *, primary: bool = True, optional: bool = False) -> None:
+        super().__init__(name, sources=[], optional=optional)
         self.source_dir = str(source_dir)
+        self.primary = primary
 
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
+        if not ext.primary:  # written by the primary extension's CMake build
+            out = Path(self.get_ext_fullpath(ext.name))
+            if not out.exists() and not ext.optional:
+                raise RuntimeError(f"the CMake build did not produce {out}")
+            return None
         try:
             import torch
             import pybind11
@@ -64,7 +76,15 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
 
 
-ext_modules = [] if os.environ.get("OSPFN_SKIP_EXT") == "1" else [CMakeExtension("ospfn._C", ROOT)]
+ext_modules = (
+    []
+    if os.environ.get("OSPFN_SKIP_EXT") == "1"
+    else [
+        CMakeExtension("ospfn._C", ROOT),
+        CMakeExtension("ospfn._ascend_sim", ROOT, primary=False),
+        CMakeExtension("ospfn._npu", ROOT, primary=False, optional=True),
+    ]
+)
 
 setup(
     packages=find_packages(include=["ospfn", "ospfn.*"]) + ["ospfn.kernels"],

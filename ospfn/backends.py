@@ -119,15 +119,33 @@ def _probe(name: str) -> BackendInfo:
             return BackendInfo("triton", True, ("cuda",), f"CUDA device {torch.cuda.get_device_name()}")
         return BackendInfo("triton", False, (), "no CUDA device, and TRITON_INTERPRET=1 is not set")
     if name == "npu":
+        # What the build did with the Ascend C kernels (docs/npu.md): ospfn._npu when built, else the reason the
+        # build recorded in ospfn._ascend_sim.BUILD_INFO (CMake skips ospfn_npu without CANN / torch_npu).
+        if importlib.util.find_spec("ospfn._npu") is not None:
+            kernels = "Ascend C kernels: ospfn._npu built"
+        else:
+            try:
+                from ospfn import _ascend_sim
+
+                kernels = f"Ascend C kernels: ospfn_npu {_ascend_sim.BUILD_INFO['ospfn_npu']}"
+            except ImportError:
+                kernels = "Ascend C kernels: not built (the C++ extensions are not built)"
         if importlib.util.find_spec("torch_npu") is None:
-            return BackendInfo("npu", False, (), "torch_npu is not installed (pip install ospfn[npu] on an Ascend machine)")
+            return BackendInfo("npu", False, (), f"torch_npu is not installed (pip install ospfn[npu] on an Ascend machine); {kernels}")
         try:
             import torch_npu  # noqa: F401
         except Exception as e:  # pragma: no cover - needs an Ascend machine
-            return BackendInfo("npu", False, (), f"torch_npu failed to import: {e}")
+            return BackendInfo("npu", False, (), f"torch_npu failed to import: {e}; {kernels}")
         if not (hasattr(torch, "npu") and torch.npu.is_available()):  # pragma: no cover
-            return BackendInfo("npu", False, (), "torch_npu is installed but no NPU device is visible")
-        return BackendInfo("npu", True, ("npu",), "Ascend NPU via torch_npu")  # pragma: no cover
+            return BackendInfo("npu", False, (), f"torch_npu is installed but no NPU device is visible; {kernels}")
+        if importlib.util.find_spec("ospfn._npu") is not None:  # pragma: no cover - needs an Ascend machine
+            try:
+                from ospfn import _npu  # noqa: F401  (loading it registers the PrivateUse1 kernels of torch.ops.ospfn.*)
+            except ImportError as e:
+                kernels = f"Ascend C kernels: ospfn._npu failed to load: {e}"
+            else:
+                kernels = "Ascend C kernels loaded (ospfn._npu)"
+        return BackendInfo("npu", True, ("npu",), f"Ascend NPU via torch_npu; {kernels}")  # pragma: no cover
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
