@@ -51,7 +51,7 @@ from ospfn.model.text import TextEncoder, TinyTextConfig, TinyTextEncoder
 from ospfn.model.vae import PixelVAE, VideoVAE
 from ospfn.styles import STYLES, style_name, style_prompt
 
-__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "detect_layout", "BUNDLED", "BUNDLED_I2SV", "WAN_NEGATIVE_PROMPT", "LAYOUTS",
+__all__ = ["Pipeline", "load_pipeline", "load_i2v_checkpoint", "save_pipeline", "detect_layout", "BUNDLED", "BUNDLED_I2SV", "WAN_NEGATIVE_PROMPT", "LAYOUTS",
            "save_vlm_adapter", "read_vlm_adapter", "load_vlm_adapter"]
 
 BUNDLED = Path(__file__).resolve().parent / "assets" / "tiny_flashi2v"
@@ -1365,6 +1365,22 @@ def load_pipeline(path=BUNDLED, *, model_type: Optional[str] = None, dit=None, d
             "flashi2v_branches": None if cfg.i2v != "flashi2v" else ("initialised" if create_branches else "loaded"), **uni_info}  # fmt: skip
     return Pipeline(cfg=cfg, params=params, text=text, vae=vae, vae_spec=parts["vae_spec"], defaults=defaults,
                     model_type=kind, info=info, text_offload=text_offload, adapter=adapter_params, adapter_cfg=acfg)  # fmt: skip
+
+
+def load_i2v_checkpoint(checkpoint, default: Path, purpose: str) -> "Pipeline":
+    """The FlashI2V pipeline an evaluation recipe's ``--checkpoint`` names (``default`` when None), or
+    ``ValueError`` with the message the recipe prints (naming ``--checkpoint``; ``purpose`` ends the text-to-video
+    refusal, e.g. "this evaluation conditions on a first frame (FlashI2V)")."""
+    ckpt = Path(checkpoint) if checkpoint is not None else Path(default)
+    if not (ckpt / "pipeline.json").exists():
+        raise ValueError(f"--checkpoint: {ckpt} is not a pipeline directory (expected pipeline.json, config.json and weights)")
+    try:
+        pipe = load_pipeline(ckpt)
+    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
+        raise ValueError(f"--checkpoint: cannot load the pipeline {ckpt}: {e}") from None
+    if pipe.cfg.i2v != "flashi2v":
+        raise ValueError(f"--checkpoint: {ckpt} is a text-to-video model; {purpose}")
+    return pipe
 
 
 def save_pipeline(path, *, cfg: DiTConfig, params: dict, text_params: dict, text_cfg: TinyTextConfig, vae: dict,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,34 +74,25 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ospfn.train.config import output_file_problem
+
     for flag, value in (("--json", args.json), ("--strip", args.strip)):  # checked now, not after minutes of sampling
-        if value is None:
-            continue
-        jp = Path(value)
-        if jp.is_dir():
-            return fail(f"{flag}: {jp} is a directory")
-        if not jp.parent.is_dir():
-            return fail(f"{flag}: the directory {jp.parent} does not exist")
-        if not os.access(jp.parent, os.W_OK | os.X_OK):
-            return fail(f"{flag}: cannot write into {jp.parent}")
+        if problem := output_file_problem(flag, value):
+            return fail(problem)
 
     import torch
 
     from ospfn.data import SyntheticMotion
     from ospfn.eval.styles import score_styled_video
-    from ospfn.pipeline import BUNDLED_I2SV, load_pipeline
+    from ospfn.pipeline import BUNDLED_I2SV, load_i2v_checkpoint
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED_I2SV
-    if not (ckpt / "pipeline.json").exists():
-        return fail(f"--checkpoint: {ckpt} is not a pipeline directory (expected pipeline.json, config.json and weights)")
     try:
-        pipe = load_pipeline(ckpt)
-    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
-        return fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
-    if pipe.cfg.i2v != "flashi2v":
-        return fail(f"--checkpoint: {ckpt} is a text-to-video model; I2SV conditions on a first frame (FlashI2V)")
+        pipe = load_i2v_checkpoint(args.checkpoint, BUNDLED_I2SV, "I2SV conditions on a first frame (FlashI2V)")
+    except ValueError as e:
+        return fail(str(e))
+    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED_I2SV
     d = pipe.defaults
     data = SyntheticMotion(args.num, frames=int(d["frames"]), size=tuple(d["size"]), split="eval", seed=args.seed, styles="all")
     rows, firsts = [], {}  # firsts: style -> (image, video) of its first example, for --strip

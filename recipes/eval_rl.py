@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -142,16 +141,11 @@ def frame_metrics(video, image, caption: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ospfn.train.config import output_file_problem
+
     for flag, value in (("--json", args.json), ("--strip", args.strip)):  # checked now, not after minutes of sampling
-        if value is None:
-            continue
-        jp = Path(value)
-        if jp.is_dir():
-            return fail(f"{flag}: {jp} is a directory")
-        if not jp.parent.is_dir():
-            return fail(f"{flag}: the directory {jp.parent} does not exist")
-        if not os.access(jp.parent, os.W_OK | os.X_OK):
-            return fail(f"{flag}: cannot write into {jp.parent}")
+        if problem := output_file_problem(flag, value):
+            return fail(problem)
     for path, _ in args.lora:
         if not Path(path).exists():
             return fail(f"--lora: {path} does not exist (a LoRA directory or .safetensors file, optionally PATH:WEIGHT)")
@@ -163,18 +157,14 @@ def main(argv=None) -> int:
 
     from ospfn.data import SyntheticMotion
     from ospfn.lora import load_lora
-    from ospfn.pipeline import BUNDLED, load_pipeline
+    from ospfn.pipeline import BUNDLED, load_i2v_checkpoint
     from ospfn.rl.rewards import make_reward, reward_registry
 
-    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
-    if not (ckpt / "pipeline.json").exists():
-        return fail(f"--checkpoint: {ckpt} is not a pipeline directory (expected pipeline.json, config.json and weights)")
     try:
-        pipe = load_pipeline(ckpt)
-    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
-        return fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
-    if pipe.cfg.i2v != "flashi2v":
-        return fail(f"--checkpoint: {ckpt} is a text-to-video model; this evaluation conditions on a first frame (FlashI2V)")
+        pipe = load_i2v_checkpoint(args.checkpoint, BUNDLED, "this evaluation conditions on a first frame (FlashI2V)")
+    except ValueError as e:
+        return fail(str(e))
+    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
     lora = []
     for path, weight in args.lora:
         try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -55,28 +54,20 @@ def fail(msg: str) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.json is not None:  # checked now, not after minutes of sampling
-        jp = Path(args.json)
-        if jp.is_dir():
-            return fail(f"--json: {jp} is a directory")
-        if not jp.parent.is_dir():
-            return fail(f"--json: the directory {jp.parent} does not exist")
-        if not os.access(jp.parent, os.W_OK | os.X_OK):
-            return fail(f"--json: cannot write into {jp.parent}")
+    from ospfn.train.config import output_file_problem
+
+    if problem := output_file_problem("--json", args.json):  # checked now, not after minutes of sampling
+        return fail(problem)
 
     from ospfn.data import SyntheticMotion
     from ospfn.eval import caption_direction, motion_direction, track_object
-    from ospfn.pipeline import BUNDLED, load_pipeline
+    from ospfn.pipeline import BUNDLED, load_i2v_checkpoint
 
-    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
-    if not (ckpt / "pipeline.json").exists():
-        return fail(f"--checkpoint: {ckpt} is not a pipeline directory (expected pipeline.json, config.json and weights)")
     try:
-        pipe = load_pipeline(ckpt)
-    except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
-        return fail(f"--checkpoint: cannot load the pipeline {ckpt}: {e}")
-    if pipe.cfg.i2v != "flashi2v":
-        return fail(f"--checkpoint: {ckpt} is a text-to-video model; this evaluation conditions on a first frame (FlashI2V)")
+        pipe = load_i2v_checkpoint(args.checkpoint, BUNDLED, "this evaluation conditions on a first frame (FlashI2V)")
+    except ValueError as e:
+        return fail(str(e))
+    ckpt = Path(args.checkpoint) if args.checkpoint is not None else BUNDLED
     d = pipe.defaults
     data = SyntheticMotion(args.num, frames=int(d["frames"]), size=tuple(d["size"]), split="eval", seed=args.seed)
     rows = []

@@ -68,3 +68,15 @@ def config_with(base: dict, out_dir, **changes) -> dict:
             node = node.setdefault(k, {})
         node[last] = value
     return cfg
+
+
+# A tiny FlashI2V SFT config (4 steps on 16 synthetic 3-frame clips) for recipe tests; change it with config_with.
+TINY_SFT = {
+    "model": {"preset": "tiny", "overrides": {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "num_full_blocks": 0, "text_dim": 16, "freq_dim": 16}},
+    "text": {"text_len": 12, "vocab": 128},
+    "vae": {"kind": "pixel", "spatial": 4},
+    "data": {"kind": "synthetic", "num_samples": 16, "frames": 3, "size": [16, 16], "seed": 0},
+    "optim": {"lr": 1.0e-3, "warmup_steps": 1, "ema_decay": 0.9},
+    "train": {"task": "flashi2v", "steps": 4, "batch_size": 2, "log_every": 1, "ckpt_every": 2, "keep": 10, "seed": 3},
+    "sample": {"steps": 2},
+}

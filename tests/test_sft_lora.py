@@ -15,19 +15,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import config_with
+from conftest import TINY_SFT, config_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "model": {"preset": "tiny", "overrides": {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2, "num_full_blocks": 0, "text_dim": 16, "freq_dim": 16}},
-    "text": {"text_len": 12, "vocab": 128},
-    "vae": {"kind": "pixel", "spatial": 4},
-    "data": {"kind": "synthetic", "num_samples": 16, "frames": 3, "size": [16, 16], "seed": 0},
-    "optim": {"lr": 1.0e-3, "warmup_steps": 1, "ema_decay": 0.9},
-    "train": {"task": "flashi2v", "steps": 2, "batch_size": 2, "log_every": 1, "ckpt_every": 2, "keep": 10, "seed": 3},
-    "sample": {"steps": 2},
-}
+TINY = config_with(TINY_SFT, "runs/unused", **{"train.steps": 2})
 
 
 def _recipe():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -37,6 +38,7 @@ __all__ = [
     "float_arg",
     "int_arg",
     "load_config",
+    "output_file_problem",
     "read_yaml",
     "resolve_device",
     "size_arg",
@@ -144,6 +146,21 @@ def size_arg(value) -> tuple[int, int]:
     if hw is None or not all(1 <= v <= MAX_SIDE for v in hw):
         raise ArgValueError(f"must be {allowed}, got {value!r}")
     return hw
+
+
+def output_file_problem(flag: str, value) -> Optional[str]:
+    """Why the file ``value`` of ``flag`` (e.g. ``--json``) cannot be written, or None (also for None): checked
+    before a recipe's work, not after minutes of sampling."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        return f"{flag}: {path} is a directory"
+    if not path.parent.is_dir():
+        return f"{flag}: the directory {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"{flag}: cannot write into {path.parent}"
+    return None
 
 
 def resolve_device(spec: Optional[str] = None):
